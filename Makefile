@@ -1,0 +1,30 @@
+# The README's two commands: `make dev` runs the whole system, `make test` runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: dev test lint migrate bench clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+dev: $(BIN)/.installed
+	$(BIN)/bridgepost dev
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check shared services tests
+
+migrate: $(BIN)/.installed
+	$(BIN)/bridgepost migrate
+
+bench: $(BIN)/.installed
+	$(BIN)/python bench/signup_latency.py
+
+clean:
+	rm -rf var .pytest_cache

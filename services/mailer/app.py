@@ -1,0 +1,64 @@
+"""The mailer: renders and sends every mail; audience projection from subscriber events."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from services.mailer import api, store
+from services.mailer.handlers import register_handlers
+from services.mailer.render import MailRenderer
+from services.mailer.sending import Sender
+from services.mailer.settings import MailerSettings
+from services.mailer.smtp import SmtpPool
+from services.mailer.transactional import TransactionalMail
+from shared.db import Database
+from shared.i18n import load_translations
+from shared.kafka import create_broker
+from shared.outbox import OutboxRelay
+from shared.runtime import Runtime, add_correlation_ids
+from shared.topics import TopicNames
+from shared.web import BodyLimit, Metrics, add_operational_routes
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+
+
+def create_app(settings: MailerSettings) -> FastAPI:
+    translations = load_translations()
+    db = Database(settings.database_url)
+    names = TopicNames(settings.kafka_topic_prefix)
+    broker = create_broker(settings, "mailer")
+    relay = OutboxRelay(db, store.infra, broker, names, settings.outbox_poll_seconds)
+    sender = Sender(db, settings, SmtpPool(settings))
+    db.after_commit += [relay.notify, sender.notify]
+    renderer = MailRenderer(translations, settings.public_base_url, settings.mail_from, settings.reply_to,
+                            settings.organisation_name, settings.organisation_address)
+    transactional = TransactionalMail(db, renderer)
+    dead_letters = register_handlers(broker, settings, names, transactional)
+    runtime = Runtime("mailer", settings, db, broker, names, relay)
+    metrics = Metrics("mailer")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        sender.start()  # mail already in the ledger goes out even while Kafka is away
+        await runtime.start()
+        yield
+        await sender.stop()
+        await runtime.stop()
+
+    app = FastAPI(title="bridgepost mailer", version="1", lifespan=lifespan,
+                  description="Renders and sends all mail; delivery ledger and statistics.")
+    app.state.settings = settings
+    app.state.db = db
+    app.state.infra = store.infra
+    app.state.sender = sender
+    app.state.runtime = runtime
+    app.state.dead_letters = dead_letters
+    app.state.renderer = renderer
+    app.include_router(api.router)
+    add_operational_routes(app, metrics, {"database": db.ping, "broker": runtime.broker_ready})
+    add_correlation_ids(app)
+    app.add_middleware(BodyLimit)
+    return app

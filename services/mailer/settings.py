@@ -1,0 +1,36 @@
+"""Settings of the mailer (env prefix MAILER_; SMTP and shared ones unprefixed, as in SPEC §4)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import SettingsConfigDict
+
+from shared.settings import ServiceSettings, env
+
+
+class MailerSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="MAILER_", extra="ignore", populate_by_name=True)
+
+    database_url: str = "sqlite+aiosqlite:///var/mailer.db"
+    port: int = 8003
+    smtp_host: str = Field("127.0.0.1", validation_alias=env("SMTP_HOST"))
+    smtp_port: int = Field(1025, validation_alias=env("SMTP_PORT"))
+    smtp_tls: Literal["none", "starttls", "tls"] = Field(
+        "none", validation_alias=env("SMTP_TLS"),
+        description="none (dev inbox), starttls (required upgrade, usually port 587), tls (implicit, port 465)")
+    smtp_username: str | None = Field(None, validation_alias=env("SMTP_USERNAME"))
+    smtp_password: SecretStr | None = Field(None, validation_alias=env("SMTP_PASSWORD"))
+    smtp_validate_certs: bool = Field(True, validation_alias=env("SMTP_VALIDATE_CERTS"))
+    smtp_timeout_seconds: float = Field(30.0, validation_alias=env("SMTP_TIMEOUT_SECONDS"))
+    smtp_pool_size: int = Field(4, validation_alias=env("SMTP_POOL_SIZE"),
+                                description="SMTP connections kept open and reused")
+    mail_from: str = Field("bridgepost <newsletter@bridgepost.example>", validation_alias=env("MAIL_FROM"))
+    reply_to: str = Field("kontakt@bridgepost.example", validation_alias=env("MAIL_REPLY_TO"))
+    send_rate_per_second: float = Field(50.0, description="Global send rate of this instance; 0 = unlimited")
+    retry_base_seconds: float = Field(30.0, description="First retry after a temporary failure; doubles each time")
+    retry_max_seconds: float = Field(3600.0)
+    max_attempts: int = Field(8, description="Attempts before a temporarily failing mail counts as failed")
+    ambiguous_after_seconds: float = Field(
+        120.0, description="A mail handed to SMTP but not recorded for this long is counted as ambiguous")

@@ -1,0 +1,50 @@
+"""Tables of the mailer: the audience projection and the ledger of outgoing mail."""
+
+from __future__ import annotations
+
+from sqlalchemy import JSON, Column, Index, Integer, MetaData, String, Table, Text
+
+from shared.db import InfraTables, UTCDateTime
+
+metadata = MetaData()
+infra = InfraTables(metadata)
+
+# Who may be mailed, built only from subscriptions.subscriber.v1 (the mailer never reads their DB).
+audience = Table(
+    "audience", metadata,
+    Column("subscriber_id", String(36), primary_key=True),
+    Column("email", String(320), nullable=False),
+    Column("name", String(200), nullable=True),
+    Column("language", String(8), nullable=False),
+    Column("topics", JSON, nullable=False),
+    Column("regions", JSON, nullable=False),
+    Column("audience", String(16), nullable=False),
+    Column("groups", JSON, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("manage_token", String(200), nullable=True),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Index("ix_audience_status", "status"),
+)
+
+# One row per mail to send. States: pending → sending → sent | retry → … | failed; `ambiguous` when a
+# process died after handing the mail to SMTP and before recording the answer (never resent).
+outgoing_mail = Table(
+    "outgoing_mail", metadata,
+    Column("id", String(36), primary_key=True),
+    Column("dedupe_key", String(200), nullable=False, unique=True),
+    Column("subscriber_id", String(36), nullable=True, index=True),
+    Column("kind", String(40), nullable=False),
+    Column("recipient", String(320), nullable=True),
+    Column("message", Text, nullable=True),
+    Column("message_id", String(200), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", UTCDateTime, nullable=False),
+    Column("last_error", String(500), nullable=True),
+    Column("claimed_by", String(64), nullable=True),
+    Column("claimed_at", UTCDateTime, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("sent_at", UTCDateTime, nullable=True),
+    Column("correlation_id", String(64), nullable=True),
+    Index("ix_outgoing_mail_due", "status", "next_attempt_at"),
+)

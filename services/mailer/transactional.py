@@ -1,0 +1,113 @@
+"""Subscriber events → audience projection and transactional mails (double opt-in confirmation, welcome).
+
+Each event is handled in one transaction: processed-event marker + projection change + ledger row,
+so a redelivered or replayed event changes nothing and sends nothing twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.mailer import store
+from services.mailer.render import MailRenderer, Recipient, Rendered
+from shared import messages
+from shared.db import Database, utcnow
+from shared.kafka import mark_processed
+
+log = logging.getLogger(__name__)
+a_ = store.audience
+m_ = store.outgoing_mail
+CONSUMER = "mailer.subscriber"
+UNSENT = ("pending", "retry")
+
+
+async def enqueue_mail(s: AsyncSession, rendered: Rendered, *, dedupe_key: str, kind: str, recipient: str,
+                       subscriber_id: str | None, correlation_id: str | None) -> str:
+    mail_id = str(uuid.uuid4())
+    now = utcnow()
+    await s.execute(insert(m_).values(
+        id=mail_id, dedupe_key=dedupe_key, subscriber_id=subscriber_id, kind=kind, recipient=recipient,
+        message=rendered.message.as_string(), message_id=rendered.message_id, status="pending", attempts=0,
+        next_attempt_at=now, created_at=now, correlation_id=(correlation_id or "")[:64] or None))
+    return mail_id
+
+
+class TransactionalMail:
+    def __init__(self, db: Database, renderer: MailRenderer) -> None:
+        self.db, self.renderer = db, renderer
+
+    def _labels(self, dimension: str, keys: list[str], lang: str) -> str:
+        taxonomy = self.renderer.tr.taxonomy
+        if not keys:
+            return self.renderer.tr.gettext(lang, "mail.welcome.all")
+        return ", ".join(taxonomy.label(dimension, k, lang) for k in keys)
+
+    async def _upsert(self, s: AsyncSession, subscriber_id: str, **values: Any) -> None:
+        values["updated_at"] = utcnow()
+        if await s.scalar(select(a_.c.subscriber_id).where(a_.c.subscriber_id == subscriber_id)):
+            await s.execute(update(a_).where(a_.c.subscriber_id == subscriber_id).values(**values))
+        else:
+            defaults = dict(name=None, topics=[], regions=[], audience="public", groups=[], manage_token=None)
+            await s.execute(insert(a_).values(subscriber_id=subscriber_id, **{**defaults, **values}))
+
+    async def _cancel_unsent(self, s: AsyncSession, subscriber_id: str) -> None:
+        await s.execute(update(m_).where(m_.c.subscriber_id == subscriber_id, m_.c.status.in_(UNSENT))
+                        .values(status="cancelled"))
+
+    async def handle(self, event: Any, correlation_id: str | None) -> None:
+        async with self.db.transaction() as s:
+            await mark_processed(s, store.infra, CONSUMER, event.event_id)
+            match event:
+                case messages.SubscriptionRequested():
+                    await self._requested(s, event, correlation_id)
+                case messages.SubscriptionConfirmed():
+                    await self._confirmed(s, event, correlation_id)
+                case messages.PreferencesChanged():
+                    await self._upsert(s, event.subscriber_id, email=event.email, name=event.name,
+                                       language=event.language, topics=event.topics, regions=event.regions,
+                                       status=event.status, manage_token=event.manage_token)
+                case messages.GroupsChanged():
+                    await s.execute(update(a_).where(a_.c.subscriber_id == event.subscriber_id)
+                                    .values(audience=event.audience, groups=event.groups, updated_at=utcnow()))
+                case messages.Unsubscribed() | messages.SubscriberSuppressed():
+                    status = "unsubscribed" if isinstance(event, messages.Unsubscribed) else "suppressed"
+                    await s.execute(update(a_).where(a_.c.subscriber_id == event.subscriber_id)
+                                    .values(status=status, updated_at=utcnow()))
+                    await self._cancel_unsent(s, event.subscriber_id)
+                case messages.SubscriberErased():
+                    await s.execute(delete(a_).where(a_.c.subscriber_id == event.subscriber_id))
+                    await self._cancel_unsent(s, event.subscriber_id)
+                    # The ledger keeps that a mail existed (for counts), not to whom or what it said.
+                    await s.execute(update(m_).where(m_.c.subscriber_id == event.subscriber_id)
+                                    .values(recipient=None, message=None))
+
+    async def _requested(self, s: AsyncSession, event: messages.SubscriptionRequested, cid: str | None) -> None:
+        current = await s.scalar(select(a_.c.status).where(a_.c.subscriber_id == event.subscriber_id))
+        if current != "active":  # an active subscriber asking to change choices stays active meanwhile
+            await self._upsert(s, event.subscriber_id, email=event.email, name=event.name, language=event.language,
+                               topics=event.topics, regions=event.regions, status="pending")
+        hours = max(1, round((event.expires_at - event.occurred_at).total_seconds() / 3600))
+        confirm_url = self.renderer.link("/confirm", token=event.confirm_token, lang=event.language)
+        rendered = self.renderer.render(
+            "confirmation", Recipient(event.email, event.name, event.language), "mail.confirmation.subject",
+            {"confirm_url": confirm_url, "hours": hours})
+        await enqueue_mail(s, rendered, dedupe_key=f"{event.event_id}:confirmation", kind="confirmation",
+                           recipient=event.email, subscriber_id=event.subscriber_id, correlation_id=cid)
+
+    async def _confirmed(self, s: AsyncSession, event: messages.SubscriptionConfirmed, cid: str | None) -> None:
+        await self._upsert(s, event.subscriber_id, email=event.email, name=event.name, language=event.language,
+                           topics=event.topics, regions=event.regions, audience=event.audience,
+                           groups=event.groups, status="active", manage_token=event.manage_token)
+        lang = event.language
+        rendered = self.renderer.render(
+            "welcome", Recipient(event.email, event.name, lang), "mail.welcome.subject",
+            {"topics_text": self._labels("topics", event.topics, lang),
+             "regions_text": self._labels("regions", event.regions, lang)},
+            manage_token=event.manage_token)
+        await enqueue_mail(s, rendered, dedupe_key=f"{event.event_id}:welcome", kind="welcome",
+                           recipient=event.email, subscriber_id=event.subscriber_id, correlation_id=cid)

@@ -1,0 +1,155 @@
+"""Rules of subscribing without I/O: addresses, tokens, signed manage links, sign-up validation."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+import unicodedata
+from datetime import datetime, timedelta
+from typing import Literal
+
+from email_validator import EmailNotValidError, validate_email
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
+
+from shared.taxonomy import load_taxonomy
+
+STATUSES = ("pending", "active", "unsubscribed", "suppressed", "erased")
+MAX_EMAIL = 254
+MAX_NAME = 200
+
+
+def normalise_email(address: str) -> str:
+    """The form an address is stored and compared in: validated, trimmed, lower-case."""
+    try:
+        result = validate_email(address.strip(), check_deliverability=False)
+    except EmailNotValidError as exc:
+        raise ValueError(str(exc)) from exc
+    return result.normalized.lower()
+
+
+def email_hash(normalised: str) -> str:
+    return hashlib.sha256(normalised.encode()).hexdigest()
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def token_state(expires_at: datetime, used_at: datetime | None, now: datetime) -> Literal["valid", "used", "expired"]:
+    if used_at is not None:
+        return "used"
+    if now >= expires_at:
+        return "expired"
+    return "valid"
+
+
+def expiry(now: datetime, hours: int) -> datetime:
+    return now + timedelta(hours=hours)
+
+
+class ManageLinks:
+    """Signed tokens for unsubscribe and preference links: no login, no expiry, unforgeable."""
+
+    def __init__(self, secret: str) -> None:
+        self._key = hashlib.sha256(b"bridgepost-manage:" + secret.encode()).digest()
+
+    def _sign(self, subscriber_id: str) -> str:
+        mac = hmac.new(self._key, subscriber_id.encode(), hashlib.sha256).digest()[:18]
+        return base64.urlsafe_b64encode(mac).decode().rstrip("=")
+
+    def token(self, subscriber_id: str) -> str:
+        return f"{subscriber_id}.{self._sign(subscriber_id)}"
+
+    def subscriber_id(self, token: str | None) -> str | None:
+        """The subscriber a token was made for, or None for anything forged or malformed."""
+        if not token or len(token) > 200 or "." not in token:
+            return None
+        subscriber_id, _, signature = token.rpartition(".")
+        return subscriber_id if hmac.compare_digest(signature, self._sign(subscriber_id)) else None
+
+
+def _clean_text(value: str, limit: int) -> str:
+    value = unicodedata.normalize("NFC", value).strip()
+    if any(unicodedata.category(c) in ("Cc", "Cf") and c not in "\u200c\u200d" for c in value):
+        raise PydanticCustomError("control_characters", "control characters are not allowed")
+    if len(value) > limit:
+        raise PydanticCustomError("too_long", "at most {max} characters", {"max": limit})
+    return value
+
+
+def _known(dimension: str, values: list[str]) -> list[str]:
+    taxonomy = load_taxonomy()
+    known = set(taxonomy.keys(dimension))
+    for value in values:
+        if value not in known:
+            code = {"topics": "unknown_topic", "regions": "unknown_region"}[dimension]
+            raise PydanticCustomError(code, "unknown key {value!r}", {"value": value[:50]})
+    return list(dict.fromkeys(values))
+
+
+class Preferences(BaseModel):
+    """What a subscriber chooses: language, topics, regions (empty = all)."""
+
+    model_config = ConfigDict(extra="ignore", str_strip_whitespace=True)
+
+    language: str = Field("de", description="One of the seven languages", examples=["ar"])
+    topics: list[str] = Field(default_factory=list, max_length=50, examples=[["arbeitsmarkt", "bildung"]])
+    regions: list[str] = Field(default_factory=list, max_length=50, examples=[["halle", "magdeburg"]])
+
+    @field_validator("language")
+    @classmethod
+    def _language(cls, value: str) -> str:
+        if value not in load_taxonomy().languages:
+            raise PydanticCustomError("unknown_language", "unknown language {value!r}", {"value": value[:20]})
+        return value
+
+    @field_validator("topics")
+    @classmethod
+    def _topics(cls, value: list[str]) -> list[str]:
+        return _known("topics", value)
+
+    @field_validator("regions")
+    @classmethod
+    def _regions(cls, value: list[str]) -> list[str]:
+        return _known("regions", value)
+
+
+class SignupRequest(Preferences):
+    """A sign-up from the form or the JSON API."""
+
+    email: str = Field(description="The address to subscribe", examples=["amira@example.org"])
+    name: str | None = Field(None, description="Optional name used in greetings", examples=["Amira"])
+    consent: bool = Field(description="The person agreed to the consent text; must be true")
+    website: str = Field("", description="Honeypot: leave empty (bots fill it in)")
+
+    @field_validator("email")
+    @classmethod
+    def _email(cls, value: str) -> str:
+        if not value.strip():
+            raise PydanticCustomError("email_required", "an email address is required")
+        if len(value) > MAX_EMAIL:
+            raise PydanticCustomError("too_long", "at most {max} characters", {"max": MAX_EMAIL})
+        try:
+            return normalise_email(value)
+        except ValueError as exc:
+            raise PydanticCustomError("email_invalid", "not a valid email address: {reason}",
+                                      {"reason": str(exc)}) from exc
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        return _clean_text(value, MAX_NAME) or None if value is not None else None
+
+    @field_validator("consent")
+    @classmethod
+    def _consent(cls, value: bool) -> bool:
+        if value is not True:
+            raise PydanticCustomError("consent_required", "consent must be given")
+        return value

@@ -1,0 +1,21 @@
+"""Kafka consumers of the subscriptions service: delivery reports from the mailer."""
+
+from __future__ import annotations
+
+from faststream.kafka import KafkaBroker
+
+from services.subscriptions.usecases import Subscriptions
+from shared import topics
+from shared.kafka import DeadLetters, register_consumer
+from shared.messages import DELIVERY_EVENTS
+from shared.settings import CommonSettings
+from shared.topics import TopicNames
+
+GROUP = "subscriptions"
+
+
+def register_handlers(broker: KafkaBroker, settings: CommonSettings, names: TopicNames,
+                      subscriptions: Subscriptions) -> list[DeadLetters]:
+    # Hard bounces count towards suppression; sent and failed mails are only acknowledged.
+    return [register_consumer(broker, settings, names, topics.DELIVERY, GROUP, DELIVERY_EVENTS,
+                              subscriptions.record_delivery)]

@@ -1,0 +1,298 @@
+"""Use cases of the subscriptions service; each runs in one transaction: state + consent log + outbox.
+
+This is where a sign-up becomes a Kafka event (`request_subscription` → `subscription_requested`).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.subscriptions import store
+from services.subscriptions.domain import (
+    ManageLinks,
+    Preferences,
+    SignupRequest,
+    email_hash,
+    expiry,
+    new_token,
+    token_hash,
+    token_state,
+)
+from services.subscriptions.settings import SubscriptionsSettings
+from shared import messages, topics
+from shared.db import Database, utcnow
+from shared.kafka import mark_processed
+from shared.outbox import add_to_outbox
+
+log = logging.getLogger(__name__)
+s_ = store.subscribers
+
+
+class RateLimited(Exception):
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"retry after {retry_after}s")
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """Where a request came from: what the consent log records."""
+
+    ip: str | None
+    user_agent: str | None
+    source: str  # form, api, import, ...
+    correlation_id: str | None = None
+
+
+@dataclass(frozen=True)
+class ConfirmResult:
+    ok: bool
+    language: str | None = None
+    subscriber_id: str | None = None
+
+
+class Subscriptions:
+    def __init__(self, db: Database, settings: SubscriptionsSettings, links: ManageLinks, consent_text) -> None:
+        self.db, self.settings, self.links = db, settings, links
+        self.consent_text = consent_text  # language -> the consent sentence shown on the form
+
+    # --- helpers ---------------------------------------------------------------------------------
+
+    async def _emit(self, s: AsyncSession, subscriber_id: str, event: messages.Envelope, ctx_cid: str | None) -> None:
+        await add_to_outbox(s, store.infra, topics.SUBSCRIBER, subscriber_id, event, ctx_cid)
+
+    async def _consent(self, s: AsyncSession, subscriber_id: str, action: str, ctx: RequestContext | None,
+                       language: str | None = None, with_text: bool = False, **details: Any) -> None:
+        await s.execute(insert(store.consent_log).values(
+            subscriber_id=subscriber_id, action=action, occurred_at=utcnow(),
+            ip=ctx.ip if ctx else None, user_agent=(ctx.user_agent or "")[:400] if ctx else None,
+            source=ctx.source if ctx else "system",
+            consent_text_version=self.settings.consent_text_version if with_text else None,
+            consent_text=self.consent_text(language) if with_text and language else None,
+            language=language, details=details))
+
+    async def _hits(self, s: AsyncSession, bucket: str, window: timedelta) -> int:
+        t = store.rate_limit_hits
+        return int(await s.scalar(select(func.count()).select_from(t)
+                                  .where(t.c.bucket == bucket, t.c.at > utcnow() - window)) or 0)
+
+    async def _hit(self, s: AsyncSession, bucket: str) -> None:
+        await s.execute(insert(store.rate_limit_hits).values(bucket=bucket, at=utcnow()))
+
+    async def _suppress(self, s: AsyncSession, email: str, reason: str) -> None:
+        digest = email_hash(email)
+        t = store.suppressions
+        if not await s.scalar(select(t.c.email_hash).where(t.c.email_hash == digest)):
+            await s.execute(insert(t).values(email_hash=digest, reason=reason, created_at=utcnow()))
+
+    def _profile(self, row) -> dict[str, Any]:
+        return dict(subscriber_id=row.id, email=row.email, name=row.name, language=row.language,
+                    topics=list(row.topics), regions=list(row.regions))
+
+    # --- sign-up ---------------------------------------------------------------------------------
+
+    async def request_subscription(self, req: SignupRequest, ctx: RequestContext) -> None:
+        """Accept a sign-up. The caller answers the same whatever happens here (no enumeration)."""
+        if req.website:  # honeypot filled in: a bot. Same answer, nothing stored.
+            log.info("honeypot sign-up ignored (source %s)", ctx.source)
+            return
+        for attempt in range(2):
+            try:
+                await self._request(req, ctx)
+                return
+            except IntegrityError:
+                if attempt:  # the concurrent insert of the same new address won twice: give up quietly
+                    raise
+                # Two requests for one new address raced on the unique index: now it is known.
+
+    async def _request(self, req: SignupRequest, ctx: RequestContext) -> None:
+        now = utcnow()
+        digest = email_hash(req.email)
+        async with self.db.transaction() as s:
+            if ctx.ip and ctx.source != "import":
+                window = timedelta(seconds=self.settings.signups_per_ip_window_seconds)
+                if await self._hits(s, f"ip:{ctx.ip}", window) >= self.settings.signups_per_ip:
+                    raise RateLimited(self.settings.signups_per_ip_window_seconds)
+                await self._hit(s, f"ip:{ctx.ip}")
+            if await s.scalar(select(store.suppressions.c.reason).where(store.suppressions.c.email_hash == digest)):
+                log.info("sign-up for a suppressed address %s… ignored", digest[:10])
+                return
+            row = (await s.execute(select(s_).where(s_.c.email == req.email).with_for_update())).first()
+            if await self._hits(s, f"addr:{digest}", timedelta(days=1)) >= \
+                    self.settings.confirmations_per_address_per_day:
+                log.info("confirmation limit reached for %s…", digest[:10])
+                return
+            await self._hit(s, f"addr:{digest}")
+            prefs = dict(language=req.language, topics=req.topics, regions=req.regions)
+            requested_profile = None
+            if row is None:
+                subscriber_id = str(uuid.uuid4())
+                await s.execute(insert(s_).values(
+                    id=subscriber_id, email=req.email, name=req.name, audience="public", groups=[],
+                    status="pending", hard_bounces=0, created_at=now, updated_at=now, **prefs))
+                profile = dict(subscriber_id=subscriber_id, email=req.email, name=req.name, **prefs)
+            elif row.status == "active":
+                # Already subscribed: the new choices apply only once this request is confirmed.
+                subscriber_id = row.id
+                requested_profile = dict(name=req.name, **prefs)
+                profile = dict(subscriber_id=row.id, email=row.email, name=req.name or row.name, **prefs)
+            else:
+                subscriber_id = row.id
+                await s.execute(update(s_).where(s_.c.id == row.id).values(
+                    name=req.name, status="pending", updated_at=now, **prefs))
+                profile = dict(subscriber_id=row.id, email=row.email, name=req.name, **prefs)
+            raw = new_token()
+            expires = expiry(now, self.settings.confirm_token_hours)
+            await s.execute(insert(store.confirmation_tokens).values(
+                token_hash=token_hash(raw), subscriber_id=subscriber_id, created_at=now, expires_at=expires,
+                requested_profile=requested_profile))
+            await self._consent(s, subscriber_id, "requested", ctx, req.language, with_text=True,
+                                topics=req.topics, regions=req.regions)
+            await self._emit(s, subscriber_id, messages.SubscriptionRequested(
+                **profile, confirm_token=raw, expires_at=expires), ctx.correlation_id)
+
+    async def token_language(self, token: str | None) -> tuple[str, str | None]:
+        """(state, language) of a confirmation token, for the GET page; changes nothing."""
+        if not token or len(token) > 200:
+            return "unknown", None
+        async with self.db.sessions() as s:
+            row = (await s.execute(
+                select(store.confirmation_tokens, s_.c.language, s_.c.status)
+                .join(s_, s_.c.id == store.confirmation_tokens.c.subscriber_id)
+                .where(store.confirmation_tokens.c.token_hash == token_hash(token)))).first()
+        if row is None or row.status in ("erased", "suppressed"):
+            return "unknown", None
+        return token_state(row.expires_at, row.used_at, utcnow()), row.language
+
+    async def confirm(self, token: str | None, ctx: RequestContext) -> ConfirmResult:
+        if not token or len(token) > 200:
+            return ConfirmResult(False)
+        now = utcnow()
+        t = store.confirmation_tokens
+        async with self.db.transaction() as s:
+            tok = (await s.execute(select(t).where(t.c.token_hash == token_hash(token)).with_for_update())).first()
+            if tok is None:
+                return ConfirmResult(False)
+            row = (await s.execute(select(s_).where(s_.c.id == tok.subscriber_id).with_for_update())).first()
+            if row is None or row.status in ("erased", "suppressed"):
+                return ConfirmResult(False)
+            if token_state(tok.expires_at, tok.used_at, now) != "valid":
+                return ConfirmResult(False, row.language)
+            # Single use, and one confirmation closes every other open link of this subscriber.
+            await s.execute(update(t).where(t.c.subscriber_id == row.id, t.c.used_at.is_(None)).values(used_at=now))
+            manage = self.links.token(row.id)
+            if row.status == "active":
+                changes = dict(tok.requested_profile or {})
+                if changes.get("name") is None:
+                    changes.pop("name", None)
+                await s.execute(update(s_).where(s_.c.id == row.id).values(updated_at=now, **changes))
+                new = {**self._profile(row), **{k: v for k, v in changes.items()}}
+                await self._consent(s, row.id, "preferences_confirmed", ctx, new["language"], **changes)
+                await self._emit(s, row.id, messages.PreferencesChanged(**new, manage_token=manage),
+                                 ctx.correlation_id)
+                return ConfirmResult(True, new["language"], row.id)
+            await s.execute(update(s_).where(s_.c.id == row.id).values(
+                status="active", confirmed_at=now, updated_at=now))
+            await self._consent(s, row.id, "confirmed", ctx, row.language)
+            await self._emit(s, row.id, messages.SubscriptionConfirmed(
+                **self._profile(row), audience=row.audience, groups=list(row.groups), confirmed_at=now,
+                manage_token=manage), ctx.correlation_id)
+            return ConfirmResult(True, row.language, row.id)
+
+    # --- manage links ----------------------------------------------------------------------------
+
+    async def subscriber_for_link(self, token: str | None):
+        subscriber_id = self.links.subscriber_id(token)
+        if subscriber_id is None:
+            return None
+        async with self.db.sessions() as s:
+            row = (await s.execute(select(s_).where(s_.c.id == subscriber_id))).first()
+        return None if row is None or row.status == "erased" else row
+
+    async def unsubscribe(self, token: str | None, ctx: RequestContext) -> tuple[bool, str | None]:
+        """Unsubscribe the link's subscriber; doing it twice is fine. (ok, language)."""
+        subscriber_id = self.links.subscriber_id(token)
+        if subscriber_id is None:
+            return False, None
+        async with self.db.transaction() as s:
+            row = (await s.execute(select(s_).where(s_.c.id == subscriber_id).with_for_update())).first()
+            if row is None or row.status == "erased":
+                return False, None
+            if row.status in ("active", "pending"):
+                await s.execute(update(s_).where(s_.c.id == row.id).values(status="unsubscribed", updated_at=utcnow()))
+                await s.execute(update(store.confirmation_tokens).where(
+                    store.confirmation_tokens.c.subscriber_id == row.id,
+                    store.confirmation_tokens.c.used_at.is_(None)).values(used_at=utcnow()))
+                await self._consent(s, row.id, "withdrawn", ctx, row.language)
+                await self._emit(s, row.id, messages.Unsubscribed(subscriber_id=row.id, source=ctx.source),
+                                 ctx.correlation_id)
+            return True, row.language
+
+    async def change_preferences(self, token: str | None, prefs: Preferences, ctx: RequestContext) -> bool:
+        subscriber_id = self.links.subscriber_id(token)
+        if subscriber_id is None:
+            return False
+        async with self.db.transaction() as s:
+            row = (await s.execute(select(s_).where(s_.c.id == subscriber_id).with_for_update())).first()
+            if row is None or row.status != "active":
+                return False
+            values = prefs.model_dump(include={"language", "topics", "regions"})
+            await s.execute(update(s_).where(s_.c.id == row.id).values(updated_at=utcnow(), **values))
+            await self._consent(s, row.id, "preferences_changed", ctx, prefs.language, **values)
+            await self._emit(s, row.id, messages.PreferencesChanged(
+                **{**self._profile(row), **values}, manage_token=self.links.token(row.id)), ctx.correlation_id)
+            return True
+
+    # --- staff -------------------------------------------------------------------------------------
+
+    async def set_groups(self, s: AsyncSession, row, audience: str, groups: list[str]) -> None:
+        await s.execute(update(s_).where(s_.c.id == row.id).values(audience=audience, groups=groups, updated_at=utcnow()))
+        await self._emit(s, row.id, messages.GroupsChanged(subscriber_id=row.id, audience=audience, groups=groups),
+                         None)
+
+    async def erase(self, s: AsyncSession, row, ctx: RequestContext) -> None:
+        """GDPR erasure: personal data gone, the address hash suppressed, `subscriber_erased` emitted."""
+        if row.email:
+            await self._suppress(s, row.email, "erased")
+        await s.execute(update(s_).where(s_.c.id == row.id).values(
+            email=None, name=None, topics=[], regions=[], groups=[], status="erased", updated_at=utcnow()))
+        await s.execute(delete(store.confirmation_tokens).where(store.confirmation_tokens.c.subscriber_id == row.id))
+        await s.execute(update(store.consent_log).where(store.consent_log.c.subscriber_id == row.id)
+                        .values(ip=None, user_agent=None, details={}))
+        # Events still waiting in the outbox carry the address: they must not leave any more.
+        await s.execute(delete(store.infra.outbox).where(store.infra.outbox.c.key == row.id))
+        await self._consent(s, row.id, "erased", ctx)
+        await self._emit(s, row.id, messages.SubscriberErased(subscriber_id=row.id), ctx.correlation_id)
+
+    # --- deliveries (from the mailer) ------------------------------------------------------------
+
+    async def record_delivery(self, event: messages.MailSent | messages.MailFailed | messages.MailBounced,
+                              correlation_id: str | None) -> None:
+        async with self.db.transaction() as s:
+            await mark_processed(s, store.infra, "subscriptions.delivery", event.event_id)
+            if not isinstance(event, messages.MailBounced):
+                return
+            row = (await s.execute(select(s_).where(s_.c.id == event.subscriber_id).with_for_update())).first()
+            if row is None or row.status in ("erased", "suppressed"):
+                return
+            bounces = row.hard_bounces + 1
+            await s.execute(update(s_).where(s_.c.id == row.id).values(hard_bounces=bounces, updated_at=utcnow()))
+            if bounces >= self.settings.hard_bounces_to_suppress:
+                await s.execute(update(s_).where(s_.c.id == row.id).values(status="suppressed"))
+                if row.email:
+                    await self._suppress(s, row.email, "hard-bounce")
+                await self._consent(s, row.id, "suppressed", None, reason="hard-bounce", smtp_code=event.smtp_code)
+                await self._emit(s, row.id, messages.SubscriberSuppressed(subscriber_id=row.id, reason="hard-bounce"),
+                                 correlation_id)
+
+    async def prune_rate_limits(self) -> None:
+        async with self.db.transaction() as s:
+            await s.execute(delete(store.rate_limit_hits).where(store.rate_limit_hits.c.at < utcnow() - timedelta(days=1)))

@@ -1,0 +1,203 @@
+"""Database wiring shared by the services: engine, unit of work, common tables, migrations."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+    event,
+    insert,
+    text,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+# BigInteger ids that still autoincrement on SQLite (which only does so for INTEGER PRIMARY KEY).
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite stores them naive)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given; use timezone-aware UTC datetimes")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class InfraTables:
+    """Tables every service has: outbox, processed events, leases, staff keys and the audit log."""
+
+    def __init__(self, metadata: MetaData) -> None:
+        self.outbox = Table(
+            "outbox", metadata,
+            Column("id", BigId, primary_key=True, autoincrement=True),
+            Column("event_id", String(36), nullable=False, unique=True),
+            Column("topic", String(200), nullable=False),
+            Column("key", String(200), nullable=False),
+            Column("payload", Text, nullable=False),
+            Column("headers", JSON, nullable=False),
+            Column("created_at", UTCDateTime, nullable=False),
+            Column("published_at", UTCDateTime, nullable=True),
+            Index("ix_outbox_unpublished", "published_at", "id"),
+        )
+        self.processed_events = Table(
+            "processed_events", metadata,
+            Column("consumer", String(100), primary_key=True),
+            Column("event_id", String(36), primary_key=True),
+            Column("processed_at", UTCDateTime, nullable=False),
+        )
+        self.leases = Table(
+            "leases", metadata,
+            Column("name", String(100), primary_key=True),
+            Column("holder", String(100), nullable=False),
+            Column("expires_at", UTCDateTime, nullable=False),
+        )
+        self.api_keys = Table(
+            "api_keys", metadata,
+            Column("id", String(36), primary_key=True),
+            Column("name", String(200), nullable=False),
+            Column("role", String(20), nullable=False),
+            Column("key_hash", String(64), nullable=False, unique=True),
+            Column("prefix", String(16), nullable=False),
+            Column("created_at", UTCDateTime, nullable=False),
+            Column("revoked_at", UTCDateTime, nullable=True),
+        )
+        self.audit_log = Table(
+            "audit_log", metadata,
+            Column("id", BigId, primary_key=True, autoincrement=True),
+            Column("occurred_at", UTCDateTime, nullable=False),
+            Column("actor", String(200), nullable=False),
+            Column("role", String(20), nullable=False),
+            Column("action", String(100), nullable=False),
+            Column("target", String(200), nullable=True),
+            Column("details", JSON, nullable=False),
+        )
+
+
+def is_sqlite(url: str) -> bool:
+    return url.startswith("sqlite")
+
+
+def create_engine(url: str) -> AsyncEngine:
+    if is_sqlite(url):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        # One connection per process: SQLite has one writer anyway, and this rules out
+        # "database is locked" when a read transaction upgrades to a write.
+        engine = create_async_engine(url, pool_size=1, max_overflow=0, pool_timeout=60,
+                                     connect_args={"timeout": 30})
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _pragmas(dbapi_conn, _record) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        return engine
+    return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+
+
+class Database:
+    """Engine, sessions and the unit of work. Callbacks run after each successful commit
+    (the outbox relay wakes up at once instead of waiting for its next poll)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = create_engine(url)
+        self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        self.after_commit: list[Callable[[], None]] = []
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncSession]:
+        """One unit of work: commits on success, rolls back on error."""
+        async with self.sessions() as session, session.begin():
+            yield session
+        for callback in self.after_commit:
+            callback()
+
+    async def ping(self) -> None:
+        async with self.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+
+
+async def acquire_lease(db: Database, leases: Table, name: str, holder: str, seconds: float) -> bool:
+    """Hold a named lease (e.g. "the outbox relay") for `seconds`; True while this holder has it."""
+    now = utcnow()
+    expires = datetime.fromtimestamp(now.timestamp() + seconds, UTC)
+    async with db.transaction() as s:
+        result = await s.execute(
+            update(leases)
+            .where(leases.c.name == name)
+            .where((leases.c.holder == holder) | (leases.c.expires_at < now))
+            .values(holder=holder, expires_at=expires)
+        )
+        if result.rowcount:
+            return True
+    try:
+        async with db.transaction() as s:
+            await s.execute(insert(leases).values(name=name, holder=holder, expires_at=expires))
+        return True
+    except IntegrityError:
+        return False
+
+
+async def migrate(url: str, migrations: Path) -> None:
+    """Bring a service's database to the newest Alembic revision."""
+    from alembic import command
+    from alembic.config import Config
+
+    engine = create_engine(url)
+    try:
+        async with engine.begin() as conn:
+            def upgrade(sync_conn) -> None:
+                cfg = Config()
+                cfg.set_main_option("script_location", str(migrations))
+                cfg.attributes["connection"] = sync_conn
+                command.upgrade(cfg, "head")
+
+            await conn.run_sync(upgrade)
+    finally:
+        await engine.dispose()
+
+
+def migrate_sync(url: str, migrations: Path) -> None:
+    asyncio.run(migrate(url, migrations))

@@ -1,0 +1,143 @@
+"""Message schemas of the Kafka topics (SPEC §2.1): the envelope and each topic's event types.
+
+Each topic carries several event types told apart by `type`; consumers validate with the topic's
+discriminated union, so an unknown type or a schema mismatch is an error (and goes to the DLQ).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+from uuid import UUID, uuid4
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+CORRELATION_HEADER = "x-correlation-id"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Envelope(BaseModel):
+    """Fields every message carries. `event_id` is the idempotency key of consumers."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    event_id: UUID = Field(default_factory=uuid4, description="Unique id; consumers deduplicate by it")
+    type: str
+    occurred_at: datetime = Field(default_factory=utcnow, description="When it happened (UTC)")
+    schema_version: int = Field(default=1, description="Version of this event type's schema")
+
+
+# --- subscriptions.subscriber.v1 (key: subscriber id) -------------------------------------------
+
+
+class SubscriberProfile(BaseModel):
+    subscriber_id: str = Field(description="Subscriber id (the message key)")
+    email: str = Field(examples=["amira@example.org"])
+    name: str | None = None
+    language: str = Field(examples=["ar"])
+    topics: list[str] = Field(default_factory=list, examples=[["arbeitsmarkt"]])
+    regions: list[str] = Field(default_factory=list, examples=[["halle"]])
+
+
+class SubscriptionRequested(Envelope, SubscriberProfile):
+    """Someone asked to subscribe; the mailer sends the double opt-in confirmation mail."""
+
+    type: Literal["subscription_requested"] = "subscription_requested"
+    confirm_token: str = Field(description="The raw, single-use confirmation token (stored hashed)")
+    expires_at: datetime
+
+
+class SubscriptionConfirmed(Envelope, SubscriberProfile):
+    """The address is confirmed; the subscriber is active. Carries the full profile."""
+
+    type: Literal["subscription_confirmed"] = "subscription_confirmed"
+    audience: Literal["public", "partner"] = "public"
+    groups: list[str] = Field(default_factory=list)
+    status: str = "active"
+    confirmed_at: datetime
+    manage_token: str = Field(description="Signed token for unsubscribe and preference links")
+
+
+class PreferencesChanged(Envelope, SubscriberProfile):
+    type: Literal["preferences_changed"] = "preferences_changed"
+    status: str = "active"
+    manage_token: str
+
+
+class GroupsChanged(Envelope):
+    """Staff changed the partner groups or audience kind of a subscriber."""
+
+    type: Literal["groups_changed"] = "groups_changed"
+    subscriber_id: str
+    audience: Literal["public", "partner"]
+    groups: list[str]
+
+
+class Unsubscribed(Envelope):
+    type: Literal["unsubscribed"] = "unsubscribed"
+    subscriber_id: str
+    source: str = Field(description="one-click, page, preferences or staff", examples=["one-click"])
+
+
+class SubscriberSuppressed(Envelope):
+    type: Literal["subscriber_suppressed"] = "subscriber_suppressed"
+    subscriber_id: str
+    reason: str = Field(examples=["hard-bounce"])
+
+
+class SubscriberErased(Envelope):
+    """GDPR erasure: no personal data in this event; consumers delete theirs."""
+
+    type: Literal["subscriber_erased"] = "subscriber_erased"
+    subscriber_id: str
+
+
+SubscriberEvent = Annotated[
+    SubscriptionRequested
+    | SubscriptionConfirmed
+    | PreferencesChanged
+    | GroupsChanged
+    | Unsubscribed
+    | SubscriberSuppressed
+    | SubscriberErased,
+    Field(discriminator="type"),
+]
+
+# --- mailer.delivery.v1 (key: subscriber id) -----------------------------------------------------
+
+
+class DeliveryEvent(Envelope):
+    subscriber_id: str
+    mail_id: str = Field(description="Id of the mail in the mailer's ledger")
+    kind: str = Field(examples=["confirmation", "welcome"])
+
+
+class MailSent(DeliveryEvent):
+    type: Literal["mail_sent"] = "mail_sent"
+    message_id: str
+
+
+class MailFailed(DeliveryEvent):
+    """A temporary failure (SMTP 4xx or connection); the mailer retries."""
+
+    type: Literal["mail_failed"] = "mail_failed"
+    attempt: int
+    smtp_code: int | None = None
+    error: str = ""
+
+
+class MailBounced(DeliveryEvent):
+    """A permanent failure (SMTP 5xx): counts towards suppression."""
+
+    type: Literal["mail_bounced"] = "mail_bounced"
+    smtp_code: int | None = None
+    error: str = ""
+
+
+DeliveryEventUnion = Annotated[MailSent | MailFailed | MailBounced, Field(discriminator="type")]
+
+SUBSCRIBER_EVENTS: TypeAdapter[SubscriberEvent] = TypeAdapter(SubscriberEvent)
+DELIVERY_EVENTS: TypeAdapter[DeliveryEventUnion] = TypeAdapter(DeliveryEventUnion)

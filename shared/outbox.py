@@ -1,0 +1,139 @@
+"""Transactional outbox (SPEC §2.2): events are written with the state change, then relayed to Kafka.
+
+`add_to_outbox` runs inside the caller's transaction. `OutboxRelay` publishes unpublished rows in
+order with acks=all and marks them published; a commit wakes it at once (`notify`), a slow poll picks
+up rows written by other instances. If the broker is down the rows wait and are published later; a
+publish that timed out may still have been appended, so consumers deduplicate by `event_id`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from datetime import timedelta
+
+from faststream.kafka import KafkaBroker
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from shared.db import Database, InfraTables, acquire_lease, utcnow
+from shared.messages import CORRELATION_HEADER, Envelope
+from shared.topics import TopicNames
+
+log = logging.getLogger(__name__)
+
+
+async def add_to_outbox(
+    session: AsyncSession, infra: InfraTables, topic: str, key: str, event: Envelope,
+    correlation_id: str | None = None,
+) -> None:
+    headers = {CORRELATION_HEADER: correlation_id or str(event.event_id)}
+    await session.execute(
+        insert(infra.outbox).values(
+            event_id=str(event.event_id), topic=topic, key=key, payload=event.model_dump_json(),
+            headers=headers, created_at=utcnow(),
+        )
+    )
+
+
+class OutboxRelay:
+    def __init__(
+        self, db: Database, infra: InfraTables, broker: KafkaBroker, names: TopicNames,
+        poll_seconds: float = 1.0, batch_size: int = 500, retention: timedelta = timedelta(days=7),
+    ) -> None:
+        self.db, self.infra, self.broker, self.names = db, infra, broker, names
+        self.poll_seconds, self.batch_size, self.retention = poll_seconds, batch_size, retention
+        self.holder = f"relay-{uuid.uuid4()}"
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self.published = 0
+
+    def notify(self) -> None:
+        self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="outbox-relay")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def backlog(self) -> int:
+        from sqlalchemy import func
+        async with self.db.sessions() as s:
+            return int(await s.scalar(
+                select(func.count()).select_from(self.infra.outbox).where(self.infra.outbox.c.published_at.is_(None))
+            ) or 0)
+
+    async def _run(self) -> None:
+        failures = 0
+        cleaned_at = utcnow()
+        while True:
+            try:
+                # One relay at a time across instances keeps each key's events in order.
+                if not await acquire_lease(self.db, self.infra.leases, "outbox-relay", self.holder,
+                                           max(10.0, self.poll_seconds * 5)):
+                    await self._sleep(self.poll_seconds)
+                    continue
+                sent = await self.relay_once()
+                failures = 0
+                if sent >= self.batch_size:
+                    continue
+                if utcnow() - cleaned_at > timedelta(hours=1):
+                    await self._clean()
+                    cleaned_at = utcnow()
+                await self._sleep(self.poll_seconds)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # broker or database down: keep the rows, back off, try again
+                failures += 1
+                log.warning("outbox relay failed (%s attempt %d): %s", type(exc).__name__, failures, exc)
+                await asyncio.sleep(min(0.2 * 2 ** min(failures, 6), 10.0))
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        self._wake.clear()
+
+    async def relay_once(self) -> int:
+        """Publish one batch of unpublished rows in id order; returns how many were published."""
+        t = self.infra.outbox
+        async with self.db.sessions() as s:
+            rows = (await s.execute(
+                select(t.c.id, t.c.topic, t.c.key, t.c.payload, t.c.headers)
+                .where(t.c.published_at.is_(None)).order_by(t.c.id).limit(self.batch_size)
+            )).all()
+        if not rows:
+            return 0
+        # Hand the whole batch to the producer before waiting, so it is sent in a few requests;
+        # per partition the producer keeps the order of sends.
+        futures = []
+        for row in rows:
+            futures.append(await self.broker.publish(
+                row.payload.encode(), self.names(row.topic), key=row.key.encode(),
+                headers=dict(row.headers), no_confirm=True,
+            ))
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        done = [row.id for row, r in zip(rows, results, strict=True) if not isinstance(r, BaseException)]
+        if done:
+            async with self.db.transaction() as s:
+                await s.execute(update(t).where(t.c.id.in_(done)).values(published_at=utcnow()))
+            self.published += len(done)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise errors[0]
+        return len(done)
+
+    async def _clean(self) -> None:
+        t = self.infra.outbox
+        async with self.db.transaction() as s:
+            await s.execute(delete(t).where(t.c.published_at < utcnow() - self.retention))
+
+
+def dumps(obj: object) -> str:
+    return json.dumps(obj, separators=(",", ":"), default=str)

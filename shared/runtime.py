@@ -1,0 +1,99 @@
+"""What runs beside a service's HTTP app: the broker connection, the outbox relay, periodic jobs.
+
+The service answers HTTP even while Kafka is unreachable: sign-ups land in the outbox and the relay
+publishes them once the broker is connected (SPEC §2.2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+
+from fastapi import FastAPI, Request
+from faststream.kafka import KafkaBroker
+
+from shared.db import Database
+from shared.outbox import OutboxRelay
+from shared.settings import CommonSettings
+from shared.topics import TopicNames, ensure_topics
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    def __init__(self, name: str, settings: CommonSettings, db: Database, broker: KafkaBroker,
+                 names: TopicNames, relay: OutboxRelay) -> None:
+        self.name, self.settings, self.db, self.broker, self.names, self.relay = name, settings, db, broker, names, relay
+        self.connected = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self.periodic: list[tuple[float, Callable[[], Awaitable[None]]]] = []
+        self.after_connect: list[Callable[[], Awaitable[None]]] = []
+
+    def every(self, seconds: float, job: Callable[[], Awaitable[None]]) -> None:
+        self.periodic.append((seconds, job))
+
+    async def start(self) -> None:
+        self._tasks.append(asyncio.create_task(self._connect(), name=f"{self.name}-connect"))
+        for seconds, job in self.periodic:
+            self._tasks.append(asyncio.create_task(self._repeat(seconds, job), name=f"{self.name}-periodic"))
+
+    async def _connect(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                await ensure_topics(self.settings.kafka_bootstrap_servers, self.names)
+                await self.broker.start()
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - keep trying; HTTP keeps working meanwhile
+                attempt += 1
+                log.warning("%s: broker not reachable yet (%s: %s), retrying", self.name, type(exc).__name__, exc)
+                with contextlib.suppress(Exception):
+                    await self.broker.stop()
+                await asyncio.sleep(min(0.5 * 2 ** min(attempt, 5), 15.0))
+        self.relay.start()
+        for job in self.after_connect:
+            await job()
+        self.connected.set()
+        log.info("%s: connected to Kafka at %s", self.name, self.settings.kafka_bootstrap_servers)
+
+    async def _repeat(self, seconds: float, job: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                await job()
+            except Exception:  # noqa: BLE001 - a periodic job must not die
+                log.exception("%s: periodic job failed", self.name)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.relay.stop()
+        with contextlib.suppress(Exception):
+            await self.broker.stop()
+        await self.db.dispose()
+
+    async def broker_ready(self) -> None:
+        if not self.connected.is_set():
+            raise ConnectionError("not connected to Kafka yet")
+        if not await self.broker.ping(timeout=3.0):
+            raise ConnectionError("Kafka does not answer")
+
+
+def add_correlation_ids(app: FastAPI) -> None:
+    """Every request gets a correlation id (taken from X-Correlation-ID if sent) that follows its events."""
+
+    @app.middleware("http")
+    async def correlation(request: Request, call_next):
+        incoming = request.headers.get("x-correlation-id", "")
+        request.state.correlation_id = incoming[:64] if incoming.isprintable() and incoming else str(uuid.uuid4())
+        response = await call_next(request)
+        response.headers["X-Correlation-ID"] = request.state.correlation_id
+        return response
