@@ -48,6 +48,7 @@ class SubscriptionRequested(Envelope, SubscriberProfile):
     type: Literal["subscription_requested"] = "subscription_requested"
     confirm_token: str = Field(description="The raw, single-use confirmation token (stored hashed)")
     expires_at: datetime
+    manage_token: str = Field(description="Signed token: lets the recipient refuse further mail in one click")
 
 
 class SubscriptionConfirmed(Envelope, SubscriberProfile):

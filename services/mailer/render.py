@@ -90,12 +90,12 @@ class MailRenderer:
         msg["Reply-To"] = self.reply_to
         msg["To"] = Address(display_name=safe_header(recipient.name or ""), addr_spec=recipient.email)
         msg["Subject"] = subject
-        msg["Content-Language"] = lang
         if links:
             msg["List-Unsubscribe"] = f"<{links['unsubscribe_url']}>"
             msg["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
         msg.set_content(text, subtype="plain", charset="utf-8")
         msg.add_alternative(html, subtype="html", charset="utf-8")
+        msg["Content-Language"] = lang  # after the body: set_content() clears Content-* headers
         if attachments:
             msg.make_mixed()
             for filename, content_type, data in attachments:

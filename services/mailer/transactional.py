@@ -95,7 +95,9 @@ class TransactionalMail:
         confirm_url = self.renderer.link("/confirm", token=event.confirm_token, lang=event.language)
         rendered = self.renderer.render(
             "confirmation", Recipient(event.email, event.name, event.language), "mail.confirmation.subject",
-            {"confirm_url": confirm_url, "hours": hours})
+            {"confirm_url": confirm_url, "hours": hours},
+            # Lets someone signed up by a stranger refuse further mail with one click (RFC 8058).
+            manage_token=event.manage_token)
         await enqueue_mail(s, rendered, dedupe_key=f"{event.event_id}:confirmation", kind="confirmation",
                            recipient=event.email, subscriber_id=event.subscriber_id, correlation_id=cid)
 

@@ -157,7 +157,8 @@ class Subscriptions:
             await self._consent(s, subscriber_id, "requested", ctx, req.language, with_text=True,
                                 topics=req.topics, regions=req.regions)
             await self._emit(s, subscriber_id, messages.SubscriptionRequested(
-                **profile, confirm_token=raw, expires_at=expires), ctx.correlation_id)
+                **profile, confirm_token=raw, expires_at=expires, manage_token=self.links.token(subscriber_id)),
+                ctx.correlation_id)
 
     async def token_language(self, token: str | None) -> tuple[str, str | None]:
         """(state, language) of a confirmation token, for the GET page; changes nothing."""
@@ -195,7 +196,7 @@ class Subscriptions:
                     changes.pop("name", None)
                 await s.execute(update(s_).where(s_.c.id == row.id).values(updated_at=now, **changes))
                 new = {**self._profile(row), **{k: v for k, v in changes.items()}}
-                await self._consent(s, row.id, "preferences_confirmed", ctx, new["language"], **changes)
+                await self._consent(s, row.id, "preferences_confirmed", ctx, new["language"], choices=changes)
                 await self._emit(s, row.id, messages.PreferencesChanged(**new, manage_token=manage),
                                  ctx.correlation_id)
                 return ConfirmResult(True, new["language"], row.id)
@@ -246,7 +247,7 @@ class Subscriptions:
                 return False
             values = prefs.model_dump(include={"language", "topics", "regions"})
             await s.execute(update(s_).where(s_.c.id == row.id).values(updated_at=utcnow(), **values))
-            await self._consent(s, row.id, "preferences_changed", ctx, prefs.language, **values)
+            await self._consent(s, row.id, "preferences_changed", ctx, prefs.language, choices=values)
             await self._emit(s, row.id, messages.PreferencesChanged(
                 **{**self._profile(row), **values}, manage_token=self.links.token(row.id)), ctx.correlation_id)
             return True

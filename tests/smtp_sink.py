@@ -1,0 +1,69 @@
+"""A real SMTP server (aiosmtpd) for tests: keeps every message, can answer 4xx/5xx on request."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+from collections.abc import Callable
+from email.message import EmailMessage
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+
+class SmtpSink:
+    def __init__(self) -> None:
+        self.messages: list[tuple[list[str], EmailMessage]] = []
+        # recipient -> SMTP answer for RCPT (e.g. "550 5.1.1 no such user"); None = accept
+        self.rcpt_answer: Callable[[str], str | None] = lambda _addr: None
+        self.data_answer: Callable[[list[str]], str | None] = lambda _rcpts: None
+        self.attempts: dict[str, int] = {}
+        self._server: asyncio.AbstractServer | None = None
+        self.port = 0
+        self.changed = asyncio.Event()
+
+    # aiosmtpd handler hooks
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str, options) -> str:
+        self.attempts[address.lower()] = self.attempts.get(address.lower(), 0) + 1
+        answer = self.rcpt_answer(address.lower())
+        if answer:
+            return answer
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        answer = self.data_answer([a.lower() for a in envelope.rcpt_tos])
+        if answer:
+            return answer
+        msg = email.message_from_bytes(envelope.content, policy=email.policy.default)
+        self.messages.append(([a.lower() for a in envelope.rcpt_tos], msg))
+        self.changed.set()
+        return "250 Message accepted for delivery"
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: SMTP(self, hostname="sink.test", data_size_limit=10_000_000), "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server:
+            self._server.close()
+            await self._server.wait_closed()
+
+    def to(self, address: str) -> list[EmailMessage]:
+        address = address.lower()
+        return [m for rcpts, m in self.messages if address in rcpts]
+
+    async def wait_for(self, address: str, count: int = 1, timeout: float = 30.0) -> list[EmailMessage]:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while len(self.to(address)) < count:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                raise AssertionError(f"expected {count} mail(s) to {address}, got {len(self.to(address))}")
+            self.changed.clear()
+            try:
+                await asyncio.wait_for(self.changed.wait(), min(remaining, 0.5))
+            except TimeoutError:
+                pass
+        return self.to(address)
