@@ -14,13 +14,22 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 class SmtpSink:
     def __init__(self) -> None:
         self.messages: list[tuple[list[str], EmailMessage]] = []
-        # recipient -> SMTP answer for RCPT (e.g. "550 5.1.1 no such user"); None = accept
-        self.rcpt_answer: Callable[[str], str | None] = lambda _addr: None
+        # Scripted answers to RCPT per recipient, used up in order (e.g. two "451 4.7.1 try later"),
+        # and permanent ones (e.g. "550 5.1.1 no such user"); anything else is accepted.
+        self.script: dict[str, list[str]] = {}
+        self.permanent: dict[str, str] = {}
+        self.rcpt_answer: Callable[[str], str | None] = self._scripted
         self.data_answer: Callable[[list[str]], str | None] = lambda _rcpts: None
         self.attempts: dict[str, int] = {}
         self._server: asyncio.AbstractServer | None = None
         self.port = 0
         self.changed = asyncio.Event()
+
+    def _scripted(self, address: str) -> str | None:
+        if address in self.permanent:
+            return self.permanent[address]
+        queue = self.script.get(address)
+        return queue.pop(0) if queue else None
 
     # aiosmtpd handler hooks
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str, options) -> str:

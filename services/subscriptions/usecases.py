@@ -73,7 +73,7 @@ class Subscriptions:
                        language: str | None = None, with_text: bool = False, **details: Any) -> None:
         await s.execute(insert(store.consent_log).values(
             subscriber_id=subscriber_id, action=action, occurred_at=utcnow(),
-            ip=ctx.ip if ctx else None, user_agent=(ctx.user_agent or "")[:400] if ctx else None,
+            ip=ctx.ip if ctx else None, user_agent=ctx.user_agent[:400] if ctx and ctx.user_agent else None,
             source=ctx.source if ctx else "system",
             consent_text_version=self.settings.consent_text_version if with_text else None,
             consent_text=self.consent_text(language) if with_text and language else None,
