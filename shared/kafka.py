@@ -80,7 +80,7 @@ class DeadLetters:
         record = msg.raw_message
         headers = {k: v for k, v in (msg.headers or {}).items() if isinstance(v, str)}
         headers.update({
-            "x-dlq-error": f"{type(error).__name__}: {error}"[:2000],
+            "x-dlq-error": describe(error)[:2000],
             "x-dlq-stage": stage,
             "x-dlq-consumer-group": self.group_id,
             "x-original-topic": record.topic,
@@ -92,6 +92,15 @@ class DeadLetters:
         self.count += 1
         log.error("message %s/%d@%d to DLQ (%s): %s", record.topic, record.partition, record.offset,
                   stage, headers["x-dlq-error"][:300])
+
+
+def describe(error: BaseException) -> str:
+    """The error without the message's content (which may hold personal data)."""
+    if isinstance(error, ValidationError):
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'message'}: {e['msg']} [{e['type']}]"
+                             for e in error.errors(include_input=False, include_url=False)[:10])
+        return f"ValidationError: {problems}"
+    return f"{type(error).__name__}: {error}"
 
 
 Handler = Callable[[Any, str | None], Awaitable[None]]
