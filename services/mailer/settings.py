@@ -23,6 +23,8 @@ class MailerSettings(ServiceSettings):
     smtp_username: str | None = Field(None, validation_alias=env("SMTP_USERNAME"))
     smtp_password: SecretStr | None = Field(None, validation_alias=env("SMTP_PASSWORD"))
     smtp_validate_certs: bool = Field(True, validation_alias=env("SMTP_VALIDATE_CERTS"))
+    smtp_ca_file: str | None = Field(None, validation_alias=env("SMTP_CA_FILE"),
+                                     description="CA bundle for a relay with a private certificate authority")
     smtp_timeout_seconds: float = Field(30.0, validation_alias=env("SMTP_TIMEOUT_SECONDS"))
     smtp_pool_size: int = Field(4, validation_alias=env("SMTP_POOL_SIZE"),
                                 description="SMTP connections kept open and reused")

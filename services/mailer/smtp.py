@@ -27,7 +27,7 @@ class SmtpPool:
         return aiosmtplib.SMTP(
             hostname=s.smtp_host, port=s.smtp_port, timeout=s.smtp_timeout_seconds,
             use_tls=s.smtp_tls == "tls", start_tls=True if s.smtp_tls == "starttls" else False,
-            validate_certs=s.smtp_validate_certs, username=s.smtp_username,
+            validate_certs=s.smtp_validate_certs, cert_bundle=s.smtp_ca_file, username=s.smtp_username,
             password=s.smtp_password.get_secret_value() if s.smtp_password else None,
         )
 
