@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,7 +52,7 @@ async def register_key(db: Database, infra: InfraTables, key: str, role: str, na
             await s.execute(update(infra.api_keys).where(infra.api_keys.c.id == existing)
                             .values(role=role, name=name, revoked_at=None))
             return str(existing)
-        key_id = str(uuid.uuid4())
+        key_id = "key_" + digest[:16]  # the same id in every service's database
         await s.execute(insert(infra.api_keys).values(
             id=key_id, name=name, role=role, key_hash=digest, prefix=key[:10], created_at=utcnow()))
         return key_id

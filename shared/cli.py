@@ -91,6 +91,7 @@ async def _keys(args: argparse.Namespace) -> int:
         print(f"(role {args.role}, registered with {', '.join(names)}; shown once, stored only as a hash)",
               file=sys.stderr)
         return 0
+    revoked_total = 0
     for name in names:
         spec = service(name)
         db = Database(spec.settings().database_url)
@@ -100,10 +101,14 @@ async def _keys(args: argparse.Namespace) -> int:
                     state = "revoked" if row["revoked_at"] else "active"
                     print(f"{name}\t{row['id']}\t{row['prefix']}…\t{row['role']}\t{row['name']}\t{state}")
             else:
-                count = await revoke_key(db, spec.infra, args.key_id)
+                count = await revoke_key(db, spec.infra, args.key_id.rstrip("…"))
                 print(f"{name}: {count} key(s) revoked")
+                revoked_total += count
         finally:
             await db.dispose()
+    if args.action == "revoke" and not revoked_total:
+        print(f"bridgepost: no active key matches {args.key_id!r}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -140,7 +145,7 @@ def parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run one service")
     serve.add_argument("service", choices=SERVICES)
     serve.add_argument("--host", default=os.environ.get("BRIDGEPOST_HOST", "127.0.0.1"))
-    serve.add_argument("--port", type=int, default=None, help="default: the service's dev port")
+    serve.add_argument("--port", type=int, default=None, help="default: <SERVICE>_PORT (8001 subscriptions, 8003 mailer)")
     serve.add_argument("--migrate", action="store_true", help="migrate the database first")
     serve.set_defaults(func=cmd_serve)
 

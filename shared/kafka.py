@@ -72,9 +72,10 @@ async def mark_processed(session: AsyncSession, infra: InfraTables, consumer: st
 class DeadLetters:
     """Publishes what a consumer could not handle to `<topic>.dlq`, keeping key, value and headers."""
 
-    def __init__(self, broker: KafkaBroker, group_id: str) -> None:
-        self.broker, self.group_id = broker, group_id
+    def __init__(self, broker: KafkaBroker, group_id: str, topic: str) -> None:
+        self.broker, self.group_id, self.topic = broker, group_id, topic
         self.count = 0
+        self.consumed = 0
 
     async def send(self, msg: KafkaMessage, error: BaseException, stage: str) -> None:
         record = msg.raw_message
@@ -111,7 +112,7 @@ def register_consumer(
     schema: TypeAdapter[Any], handler: Handler,
 ) -> DeadLetters:
     """Subscribe `handler(event, correlation_id)` to `topic` with commit-after-processing and a DLQ."""
-    dead_letters = DeadLetters(broker, group_id)
+    dead_letters = DeadLetters(broker, group_id, topic)
     max_attempts = settings.consumer_max_attempts
 
     async def consume(msg: KafkaMessage) -> None:
@@ -125,8 +126,10 @@ def register_consumer(
         while True:
             try:
                 await handler(event, correlation_id)
+                dead_letters.consumed += 1
                 return
             except AlreadyProcessed:
+                dead_letters.consumed += 1
                 return
             except TRANSIENT_ERRORS as exc:
                 waited = asyncio.get_running_loop().time() - started

@@ -122,10 +122,11 @@ class MailSent(DeliveryEvent):
 
 
 class MailFailed(DeliveryEvent):
-    """A temporary failure (SMTP 4xx or connection); the mailer retries."""
+    """A temporary failure (SMTP 4xx or connection); the mailer retries unless `final`."""
 
     type: Literal["mail_failed"] = "mail_failed"
     attempt: int
+    final: bool = Field(False, description="True when the mailer gave up retrying (not a bounce)")
     smtp_code: int | None = None
     error: str = ""
 

@@ -74,11 +74,21 @@ class Runtime:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        await self.relay.stop()
+                await asyncio.wait_for(task, 10)
+        # Bounded: a broker that does not answer must not keep the process from exiting.
         with contextlib.suppress(Exception):
-            await self.broker.stop()
-        await self.db.dispose()
+            await asyncio.wait_for(self.relay.stop(), 10)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.broker.stop(), 15)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.db.dispose(), 10)
+
+    async def refresh_metrics(self, metrics, dead_letters: list) -> None:
+        metrics.outbox_backlog.set(await self.relay.backlog())
+        metrics.published.set(self.relay.published)
+        for dl in dead_letters:
+            metrics.consumed.labels(dl.topic).set(dl.consumed)
+            metrics.dlq.labels(dl.topic).set(dl.count)
 
     async def broker_ready(self) -> None:
         if not self.connected.is_set():

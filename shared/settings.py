@@ -57,13 +57,18 @@ class CommonSettings(BaseSettings):
 
 
 class ServiceSettings(CommonSettings):
-    """Every service has a database and a secret."""
+    """Every service has its own database."""
 
     database_url: str = "sqlite+aiosqlite:///var/service.db"
+
+
+class SigningSettings(ServiceSettings):
+    """A service that signs links (unsubscribe, preferences, cancel a registration) has a secret."""
+
     secret_key: SecretStr = SecretStr(DEV_SECRET)
 
     @model_validator(mode="after")
-    def _no_dev_secret_in_production(self) -> ServiceSettings:
+    def _no_dev_secret_in_production(self) -> SigningSettings:
         if self.environment == "production" and self.secret_key.get_secret_value() == DEV_SECRET:
             raise ValueError("secret_key must be set outside development (the built-in one is public)")
         return self

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -114,10 +114,10 @@ class Metrics:
                                 registry=self.registry)
         self.latency = Histogram("bridgepost_http_request_seconds", "HTTP request latency", ["route"],
                                  registry=self.registry)
-        self.consumed = Counter("bridgepost_messages_consumed_total", "Kafka messages handled", ["topic"],
-                                registry=self.registry)
-        self.dlq = Counter("bridgepost_dlq_messages_total", "Messages sent to a DLQ", ["topic"],
-                           registry=self.registry)
+        self.consumed = Gauge("bridgepost_messages_consumed_total", "Kafka messages handled by this instance",
+                              ["topic"], registry=self.registry)
+        self.dlq = Gauge("bridgepost_dlq_messages_total", "Messages this instance sent to a DLQ", ["topic"],
+                         registry=self.registry)
         self.outbox_backlog = Gauge("bridgepost_outbox_backlog", "Outbox rows not yet published",
                                     registry=self.registry)
         self.published = Gauge("bridgepost_outbox_published", "Outbox rows published by this instance",
@@ -125,7 +125,9 @@ class Metrics:
         self.service = service
 
 
-def add_operational_routes(app: FastAPI, metrics: Metrics, ready_checks: dict[str, Callable]) -> None:
+def add_operational_routes(app: FastAPI, metrics: Metrics, ready_checks: dict[str, Callable],
+                           refresh: Callable[[], Awaitable[None]] | None = None) -> None:
+    """/healthz, /readyz (each named check must pass) and /metrics (`refresh` updates gauges first)."""
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
         started = time.perf_counter()
@@ -155,4 +157,6 @@ def add_operational_routes(app: FastAPI, metrics: Metrics, ready_checks: dict[st
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics_endpoint() -> Response:
+        if refresh is not None:
+            await refresh()
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -147,3 +147,15 @@ def test_dlq_error_text_holds_no_message_content() -> None:
     text = describe(info.value)
     assert "secret.person" not in text
     assert "subscription_requested" in text  # still says where the problem is
+
+
+async def test_health_readiness_and_metrics(stack: Stack) -> None:
+    for client in (stack.subscriptions, stack.mailer):
+        assert (await client.get("/healthz")).status_code == 200
+        ready = await client.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["checks"] == {"database": "ok", "broker": "ok"}
+        metrics = await client.get("/metrics")
+        assert metrics.status_code == 200
+        assert "bridgepost_outbox_backlog" in metrics.text and "bridgepost_http_requests_total" in metrics.text
+    text = (await stack.mailer.get("/metrics")).text
+    assert f'bridgepost_messages_consumed_total{{topic="{topics.SUBSCRIBER}"}}' in text

@@ -58,7 +58,8 @@ def create_app(settings: MailerSettings) -> FastAPI:
     app.state.dead_letters = dead_letters
     app.state.renderer = renderer
     app.include_router(api.router)
-    add_operational_routes(app, metrics, {"database": db.ping, "broker": runtime.broker_ready})
+    add_operational_routes(app, metrics, {"database": db.ping, "broker": runtime.broker_ready},
+                           refresh=lambda: runtime.refresh_metrics(metrics, dead_letters))
     add_correlation_ids(app)
     app.add_middleware(BodyLimit)
     return app

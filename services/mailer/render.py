@@ -26,8 +26,8 @@ class HeaderInjection(ValueError):
 
 
 def safe_header(value: str) -> str:
-    if "\r" in value or "\n" in value:
-        raise HeaderInjection("CR/LF in a header value")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise HeaderInjection("control characters (CR/LF and others) in a header value")
     return value
 
 
@@ -95,10 +95,11 @@ class MailRenderer:
             msg["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
         msg.set_content(text, subtype="plain", charset="utf-8")
         msg.add_alternative(html, subtype="html", charset="utf-8")
-        msg["Content-Language"] = lang  # after the body: set_content() clears Content-* headers
         if attachments:
             msg.make_mixed()
             for filename, content_type, data in attachments:
                 maintype, _slash, subtype = content_type.partition("/")
                 msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=filename)
+        # Last: set_content() and make_mixed() move or clear Content-* headers.
+        msg["Content-Language"] = lang
         return Rendered(msg, message_id)

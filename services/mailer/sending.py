@@ -26,6 +26,11 @@ log = logging.getLogger(__name__)
 m_ = store.outgoing_mail
 
 
+def mine(row):
+    """The ledger row as this sender claimed it."""
+    return and_(m_.c.id == row.id, m_.c.claimed_by == row.claimed_by, m_.c.status.in_(("sending", "ambiguous")))
+
+
 class RateLimiter:
     """Token bucket: at most `rate` sends per second on average (0 = unlimited)."""
 
@@ -97,8 +102,16 @@ class Sender:
             rows = (await s.execute(select(m_).where(m_.c.claimed_by == claim, m_.c.status == "sending"))).all()
         return rows
 
+    def batch_size(self) -> int:
+        # Claim no more than can be handed to SMTP within a few seconds: a claimed mail waiting for
+        # the rate limiter longer than `ambiguous_after_seconds` would otherwise look abandoned.
+        size = max(1, self.settings.smtp_pool_size) * 8
+        if self.settings.send_rate_per_second > 0:
+            size = min(size, max(1, int(self.settings.send_rate_per_second * 5)))
+        return size
+
     async def send_due(self) -> int:
-        rows = await self.claim(max(1, self.settings.smtp_pool_size) * 8)
+        rows = await self.claim(self.batch_size())
         if rows:
             await asyncio.gather(*(self._send_one(row) for row in rows))
         return len(rows)
@@ -119,7 +132,9 @@ class Sender:
 
     async def _sent(self, row) -> None:
         async with self.db.transaction() as s:
-            await s.execute(update(m_).where(m_.c.id == row.id).values(
+            # Guarded by the claim: only the instance that handed this mail to SMTP records it (the
+            # real outcome wins even if a slow send was meanwhile counted as ambiguous).
+            await s.execute(update(m_).where(mine(row)).values(
                 status="sent", sent_at=utcnow(), attempts=row.attempts + 1, last_error=None))
             if row.subscriber_id:
                 await add_to_outbox(s, store.infra, topics.DELIVERY, row.subscriber_id, messages.MailSent(
@@ -134,18 +149,18 @@ class Sender:
         error = error[:480]
         async with self.db.transaction() as s:
             if permanent or gave_up:
-                await s.execute(update(m_).where(m_.c.id == row.id).values(
+                await s.execute(update(m_).where(mine(row)).values(
                     status="failed", attempts=attempts, last_error=f"{code} {error}"))
             else:
                 delay = min(self.settings.retry_base_seconds * 2 ** (attempts - 1), self.settings.retry_max_seconds)
-                await s.execute(update(m_).where(m_.c.id == row.id).values(
+                await s.execute(update(m_).where(mine(row)).values(
                     status="retry", attempts=attempts, last_error=f"{code} {error}",
                     next_attempt_at=utcnow() + timedelta(seconds=delay)))
             if row.subscriber_id:
                 event = (messages.MailBounced(subscriber_id=row.subscriber_id, mail_id=row.id, kind=row.kind,
                                               smtp_code=code, error=error) if permanent else
                          messages.MailFailed(subscriber_id=row.subscriber_id, mail_id=row.id, kind=row.kind,
-                                             attempt=attempts, smtp_code=code, error=error))
+                                             attempt=attempts, final=gave_up, smtp_code=code, error=error))
                 await add_to_outbox(s, store.infra, topics.DELIVERY, row.subscriber_id, event, row.correlation_id)
         self.counts["bounced" if permanent else "failed" if gave_up else "retry"] += 1
         log.info("mail %s %s after attempt %d: %s %s", row.id,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from shared.settings import ServiceSettings, env
@@ -36,3 +36,9 @@ class MailerSettings(ServiceSettings):
     max_attempts: int = Field(8, description="Attempts before a temporarily failing mail counts as failed")
     ambiguous_after_seconds: float = Field(
         120.0, description="A mail handed to SMTP but not recorded for this long is counted as ambiguous")
+
+    @field_validator("smtp_username", "smtp_password", "smtp_ca_file", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        # SMTP_USERNAME= (empty) means "no login", not a login with an empty name.
+        return None if value == "" else value

@@ -67,4 +67,5 @@ class SmtpPool:
         while self._idle:
             client = self._idle.pop()
             with contextlib.suppress(Exception):
-                await client.quit()
+                await asyncio.wait_for(client.quit(), 5)
+            client.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from services.subscriptions import api, pages, store
@@ -57,14 +57,8 @@ def create_app(settings: SubscriptionsSettings) -> FastAPI:
         "organisation": settings.organisation_name, "organisation_address": settings.organisation_address})
     app.include_router(pages.router)
     app.include_router(api.router)
-    add_operational_routes(app, metrics, {"database": db.ping, "broker": runtime.broker_ready})
-
-    @app.middleware("http")
-    async def outbox_gauge(request: Request, call_next):
-        if request.url.path == "/metrics":
-            metrics.outbox_backlog.set(await relay.backlog())
-            metrics.published.set(relay.published)
-        return await call_next(request)
+    add_operational_routes(app, metrics, {"database": db.ping, "broker": runtime.broker_ready},
+                           refresh=lambda: runtime.refresh_metrics(metrics, dead_letters))
 
     add_correlation_ids(app)
     if settings.cors_origins:

@@ -72,7 +72,8 @@ class ManageLinks:
         if not token or len(token) > 200 or "." not in token:
             return None
         subscriber_id, _, signature = token.rpartition(".")
-        return subscriber_id if hmac.compare_digest(signature, self._sign(subscriber_id)) else None
+        valid = hmac.compare_digest(signature.encode("utf-8", "replace"), self._sign(subscriber_id).encode())
+        return subscriber_id if valid else None
 
 
 def _clean_text(value: str, limit: int) -> str:

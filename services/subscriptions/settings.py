@@ -5,16 +5,16 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from shared.settings import ServiceSettings
+from shared.settings import SigningSettings
 
 
-class SubscriptionsSettings(ServiceSettings):
+class SubscriptionsSettings(SigningSettings):
     model_config = SettingsConfigDict(env_prefix="SUBSCRIPTIONS_", extra="ignore", populate_by_name=True)
 
     database_url: str = "sqlite+aiosqlite:///var/subscriptions.db"
     confirm_token_hours: int = Field(72, description="How long a confirmation link stays valid")
     confirmations_per_address_per_day: int = Field(3, description="Confirmation mails per address per 24 h")
-    signups_per_ip: int = Field(30, description="Sign-up requests per client IP per `signups_per_ip_window`")
+    signups_per_ip: int = Field(30, description="Sign-up requests per client IP per `signups_per_ip_window_seconds`")
     signups_per_ip_window_seconds: int = Field(600)
     trust_forwarded_for: bool = Field(
         False, description="Take the client IP from X-Forwarded-For (only behind a trusted reverse proxy)")
