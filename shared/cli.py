@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SERVICES = ("subscriptions", "mailer")
+SERVICES = ("subscriptions", "events", "mailer")
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,10 @@ def service(name: str) -> ServiceSpec:
         from services.subscriptions import app, store
         from services.subscriptions.settings import SubscriptionsSettings
         return ServiceSpec(name, SubscriptionsSettings, app.create_app, app.MIGRATIONS, store.infra)
+    if name == "events":
+        from services.events import app, store
+        from services.events.settings import EventsSettings
+        return ServiceSpec(name, EventsSettings, app.create_app, app.MIGRATIONS, store.infra)
     if name == "mailer":
         from services.mailer import app, store
         from services.mailer.settings import MailerSettings
@@ -145,7 +149,7 @@ def parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run one service")
     serve.add_argument("service", choices=SERVICES)
     serve.add_argument("--host", default=os.environ.get("BRIDGEPOST_HOST", "127.0.0.1"))
-    serve.add_argument("--port", type=int, default=None, help="default: <SERVICE>_PORT (8001 subscriptions, 8003 mailer)")
+    serve.add_argument("--port", type=int, default=None, help="default: <SERVICE>_PORT (8001 subscriptions, 8002 events, 8003 mailer)")
     serve.add_argument("--migrate", action="store_true", help="migrate the database first")
     serve.set_defaults(func=cmd_serve)
 

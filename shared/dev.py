@@ -17,7 +17,7 @@ from pathlib import Path
 from shared.cli import SERVICES, configure_logging, service
 
 PORTS = {"subscriptions": 8001, "events": 8002, "mailer": 8003}
-COLOURS = {"broker": 90, "inbox": 35, "subscriptions": 32, "mailer": 34}
+COLOURS = {"broker": 90, "inbox": 35, "subscriptions": 32, "events": 33, "mailer": 34}
 
 
 def port_free(port: int) -> bool:
@@ -102,6 +102,8 @@ async def _dev(var: Path) -> int:
     env.setdefault("PUBLIC_BASE_URL", f"http://127.0.0.1:{PORTS['subscriptions']}")
     env.setdefault("SUBSCRIPTIONS_DATABASE_URL", f"sqlite+aiosqlite:///{var.resolve()}/subscriptions.db")
     env.setdefault("MAILER_DATABASE_URL", f"sqlite+aiosqlite:///{var.resolve()}/mailer.db")
+    env.setdefault("EVENTS_DATABASE_URL", f"sqlite+aiosqlite:///{var.resolve()}/events.db")
+    env.setdefault("EVENTS_PUBLIC_URL", f"http://127.0.0.1:{PORTS['events']}")
     env.setdefault("SMTP_HOST", "127.0.0.1")
     env.setdefault("SMTP_PORT", "1025")
     parts: list[Part] = []
@@ -147,7 +149,9 @@ async def _dev(var: Path) -> int:
         say("everything is up:")
         say(f"  sign-up form       http://127.0.0.1:{PORTS['subscriptions']}/subscribe")
         say("  dev mail inbox     http://127.0.0.1:8025")
+        say(f"  events calendar    http://127.0.0.1:{PORTS['events']}/events")
         say(f"  subscriptions API  http://127.0.0.1:{PORTS['subscriptions']}/docs")
+        say(f"  events API         http://127.0.0.1:{PORTS['events']}/docs")
         say(f"  mailer API         http://127.0.0.1:{PORTS['mailer']}/docs")
         say(f"  Kafka              {env['KAFKA_BOOTSTRAP_SERVERS']}" + ("" if external_broker else " (embedded)"))
         say(f"  staff API key      {key}  (admin; send as 'Authorization: Bearer <key>')")

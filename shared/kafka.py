@@ -107,11 +107,18 @@ def describe(error: BaseException) -> str:
 Handler = Callable[[Any, str | None], Awaitable[None]]
 
 
+def consumer_group(service: str, topic: str) -> str:
+    """One consumer group per service and topic: members of a group all read the same topic, so a
+    new instance only rebalances that topic's partitions."""
+    return f"{service}.{topic}"
+
+
 def register_consumer(
-    broker: KafkaBroker, settings: CommonSettings, names: TopicNames, topic: str, group_id: str,
+    broker: KafkaBroker, settings: CommonSettings, names: TopicNames, topic: str, service: str,
     schema: TypeAdapter[Any], handler: Handler,
 ) -> DeadLetters:
     """Subscribe `handler(event, correlation_id)` to `topic` with commit-after-processing and a DLQ."""
+    group_id = consumer_group(service, topic)
     dead_letters = DeadLetters(broker, group_id, topic)
     max_attempts = settings.consumer_max_attempts
 

@@ -143,3 +143,118 @@ DeliveryEventUnion = Annotated[MailSent | MailFailed | MailBounced, Field(discri
 
 SUBSCRIBER_EVENTS: TypeAdapter[SubscriberEvent] = TypeAdapter(SubscriberEvent)
 DELIVERY_EVENTS: TypeAdapter[DeliveryEventUnion] = TypeAdapter(DeliveryEventUnion)
+
+# --- events.event.v1 and events.registration.v1 (key: event id) ----------------------------------
+
+
+class Place(BaseModel):
+    name: str = Field(examples=["Bürgerhaus Stendal"])
+    address: str = Field("", examples=["Markt 1, 39576 Stendal"])
+
+
+class EventSnapshot(BaseModel):
+    """What a mail about an event needs to know about it, as of `sequence`."""
+
+    event_id: str
+    kind: str = Field(examples=["forum"])
+    title: dict[str, str] = Field(description="Title by language; `de` always present")
+    description: dict[str, str] = Field(default_factory=dict)
+    starts_at: datetime
+    ends_at: datetime
+    timezone: str = "Europe/Berlin"
+    location: Place | None = None
+    online_url: str | None = None
+    region: str = Field(examples=["stendal"])
+    topics: list[str] = Field(default_factory=list)
+    status: Literal["draft", "published", "cancelled"] = "published"
+    sequence: int = Field(0, description="iCalendar SEQUENCE: grows with every change of time or place")
+    url: str = Field(description="The public event page")
+
+
+class Segment(BaseModel):
+    """Who a mailing is for (SPEC §2.3): AND across dimensions, OR within one; empty = all."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    audiences: list[Literal["public", "partner"]] = Field(default_factory=list)
+    groups: list[str] = Field(default_factory=list)
+    regions: list[str] = Field(default_factory=list)
+    topics: list[str] = Field(default_factory=list)
+    languages: list[str] = Field(default_factory=list)
+
+
+class EventPublished(Envelope):
+    type: Literal["event_published"] = "event_published"
+    event: EventSnapshot
+    segment: Segment = Field(default_factory=Segment)
+    announce: bool = Field(False, description="Whether publication sends an announcement campaign")
+
+
+class EventUpdated(Envelope):
+    """A published event changed; `changes` names what changed (old and new values)."""
+
+    type: Literal["event_updated"] = "event_updated"
+    event: EventSnapshot
+    changes: dict[str, dict[str, object]] = Field(
+        description="field -> {'old': ..., 'new': ...}", examples=[{"starts_at": {"old": "…", "new": "…"}}])
+    notify: bool = Field(True, description="True when time or place changed: registrants get a notice")
+
+
+class EventCancelled(Envelope):
+    type: Literal["event_cancelled"] = "event_cancelled"
+    event: EventSnapshot
+    message: dict[str, str] = Field(default_factory=dict, description="Optional note to registrants by language")
+
+
+EventEvent = Annotated[EventPublished | EventUpdated | EventCancelled, Field(discriminator="type")]
+
+
+class RegistrationEvent(Envelope):
+    registration_id: str
+    event: EventSnapshot
+    email: str
+    name: str | None = None
+    language: str = "de"
+    cancel_token: str = Field(description="Signed token for the cancel link in mails")
+
+
+class RegistrationConfirmed(RegistrationEvent):
+    type: Literal["registration_confirmed"] = "registration_confirmed"
+    newsletter: bool = Field(False, description="Also asked for the newsletter (starts the double opt-in)")
+    consent_ip: str | None = None
+    consent_user_agent: str | None = None
+    topics: list[str] = Field(default_factory=list)
+    regions: list[str] = Field(default_factory=list)
+
+
+class RegistrationWaitlisted(RegistrationEvent):
+    type: Literal["registration_waitlisted"] = "registration_waitlisted"
+    position: int = Field(description="Place on the waiting list, 1 = next")
+    newsletter: bool = False
+    consent_ip: str | None = None
+    consent_user_agent: str | None = None
+    topics: list[str] = Field(default_factory=list)
+    regions: list[str] = Field(default_factory=list)
+
+
+class RegistrationPromoted(RegistrationEvent):
+    type: Literal["registration_promoted"] = "registration_promoted"
+
+
+class RegistrationCancelled(RegistrationEvent):
+    type: Literal["registration_cancelled"] = "registration_cancelled"
+    was: Literal["confirmed", "waitlisted"]
+
+
+class RegistrationReminderDue(RegistrationEvent):
+    type: Literal["registration_reminder_due"] = "registration_reminder_due"
+
+
+RegistrationEventUnion = Annotated[
+    RegistrationConfirmed | RegistrationWaitlisted | RegistrationPromoted | RegistrationCancelled
+    | RegistrationReminderDue,
+    Field(discriminator="type"),
+]
+
+EVENT_EVENTS: TypeAdapter[EventEvent] = TypeAdapter(EventEvent)
+REGISTRATION_EVENTS: TypeAdapter[RegistrationEventUnion] = TypeAdapter(RegistrationEventUnion)

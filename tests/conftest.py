@@ -22,6 +22,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from services.events.app import MIGRATIONS as EVENTS_MIGRATIONS
+from services.events.app import create_app as create_events
+from services.events.settings import EventsSettings
 from services.mailer.app import MIGRATIONS as MAILER_MIGRATIONS
 from services.mailer.app import create_app as create_mailer
 from services.mailer.settings import MailerSettings
@@ -135,6 +138,9 @@ class Stack:
     smtp: SmtpSink
     kafka: Broker
     topic_prefix: str
+    events: httpx.AsyncClient
+    events_app: object
+    events_settings: EventsSettings
     counter: list[int] = field(default_factory=lambda: [0])
 
     def address(self, tag: str = "person") -> str:
@@ -208,10 +214,10 @@ async def stack(request, kafka: Broker, smtp: SmtpSink, tmp_path_factory) -> Asy
         if backend == "postgres":
             if not await postgres_available():
                 pytest.skip(f"PostgreSQL not reachable at {POSTGRES_URL}")
-            urls = await exits.enter_async_context(postgres_databases(["subscriptions", "mailer"]))
+            urls = await exits.enter_async_context(postgres_databases(["subscriptions", "events", "mailer"]))
         else:
             folder: Path = tmp_path_factory.mktemp("sqlite")
-            urls = {n: f"sqlite+aiosqlite:///{folder}/{n}.db" for n in ("subscriptions", "mailer")}
+            urls = {n: f"sqlite+aiosqlite:///{folder}/{n}.db" for n in ("subscriptions", "events", "mailer")}
         prefix = f"t{uuid.uuid4().hex[:8]}."
         common = dict(environment="test", kafka_bootstrap_servers=kafka.bootstrap,
                       kafka_enable_idempotence=False, kafka_topic_prefix=prefix,
@@ -221,24 +227,35 @@ async def stack(request, kafka: Broker, smtp: SmtpSink, tmp_path_factory) -> Asy
         mail_settings = MailerSettings(**common, database_url=urls["mailer"], smtp_host="127.0.0.1",
                                        smtp_port=smtp.port, retry_base_seconds=0.2, retry_max_seconds=1.0,
                                        send_rate_per_second=0, ambiguous_after_seconds=60)
+        events_settings = EventsSettings(**common, database_url=urls["events"], public_url="http://events.test",
+                                         scheduler_interval_seconds=0.3, trust_forwarded_for=True)
+        await migrate(events_settings.database_url, EVENTS_MIGRATIONS)
         await migrate(sub_settings.database_url, SUBSCRIPTIONS_MIGRATIONS)
         await migrate(mail_settings.database_url, MAILER_MIGRATIONS)
+        from services.events import store as events_store
         from services.mailer import store as mailer_store
         from services.subscriptions import store as subscriptions_store
-        for url, infra in ((urls["subscriptions"], subscriptions_store.infra), (urls["mailer"], mailer_store.infra)):
+        for url, infra in ((urls["subscriptions"], subscriptions_store.infra), (urls["mailer"], mailer_store.infra),
+                           (urls["events"], events_store.infra)):
             db = Database(url)
             for key, role in ((ADMIN_KEY, "admin"), (EDITOR_KEY, "editor"), (PUBLISHER_KEY, "publisher")):
                 await register_key(db, infra, key, role, f"test {role}")
             await db.dispose()
         sub_app = create_subscriptions(sub_settings)
         mail_app = create_mailer(mail_settings)
+        events_app = create_events(events_settings)
         await exits.enter_async_context(sub_app.router.lifespan_context(sub_app))
         await exits.enter_async_context(mail_app.router.lifespan_context(mail_app))
+        await exits.enter_async_context(events_app.router.lifespan_context(events_app))
         await asyncio.wait_for(sub_app.state.runtime.connected.wait(), 60)
         await asyncio.wait_for(mail_app.state.runtime.connected.wait(), 60)
+        await asyncio.wait_for(events_app.state.runtime.connected.wait(), 60)
         transport = dict(client=("127.0.0.1", 5555))
         subs = await exits.enter_async_context(httpx.AsyncClient(
             transport=httpx.ASGITransport(sub_app, **transport), base_url="http://bridgepost.test"))
         mailer = await exits.enter_async_context(httpx.AsyncClient(
             transport=httpx.ASGITransport(mail_app, **transport), base_url="http://mailer.test"))
-        yield Stack(backend, subs, mailer, sub_app, mail_app, sub_settings, mail_settings, smtp, kafka, prefix)
+        events = await exits.enter_async_context(httpx.AsyncClient(
+            transport=httpx.ASGITransport(events_app, **transport), base_url="http://events.test"))
+        yield Stack(backend, subs, mailer, sub_app, mail_app, sub_settings, mail_settings, smtp, kafka, prefix,
+                    events, events_app, events_settings)

@@ -31,13 +31,14 @@ class Cli:
 
     @property
     def databases(self) -> dict[str, Path]:
-        return {"subscriptions": self.tmp / "s.db", "mailer": self.tmp / "m.db"}
+        return {"subscriptions": self.tmp / "s.db", "events": self.tmp / "e.db", "mailer": self.tmp / "m.db"}
 
 
 def make_cli(tmp: Path) -> Cli:
     env = {k: v for k, v in os.environ.items() if not k.startswith(LEAKY_PREFIXES)}
     env.update(SUBSCRIPTIONS_DATABASE_URL=f"sqlite+aiosqlite:///{tmp / 's.db'}",
                MAILER_DATABASE_URL=f"sqlite+aiosqlite:///{tmp / 'm.db'}",
+               EVENTS_DATABASE_URL=f"sqlite+aiosqlite:///{tmp / 'e.db'}",
                BRIDGEPOST_ENV="dev", PYTHONWARNINGS="ignore")
     return Cli(tmp, env)
 

@@ -17,6 +17,7 @@ import yaml
 from pydantic import AliasChoices
 from pydantic_settings import BaseSettings
 
+from services.events.settings import EventsSettings
 from services.mailer.settings import MailerSettings
 from services.subscriptions.settings import SubscriptionsSettings
 from shared import cli
@@ -26,7 +27,8 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 POSTGRES_INIT = ROOT / "deploy" / "postgres-init.sql"
 
-SETTINGS: dict[str, type[BaseSettings]] = {"subscriptions": SubscriptionsSettings, "mailer": MailerSettings}
+SETTINGS: dict[str, type[BaseSettings]] = {"subscriptions": SubscriptionsSettings, "events": EventsSettings,
+                                           "mailer": MailerSettings}
 
 # ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?message}, ${VAR?message}
 INTERPOLATION = re.compile(r"\$\{(?P<name>\w+)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}")

@@ -8,6 +8,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from services.mailer import api, store
+from services.mailer.eventmail import EventMail
 from services.mailer.handlers import register_handlers
 from services.mailer.render import MailRenderer
 from services.mailer.sending import Sender
@@ -36,7 +37,8 @@ def create_app(settings: MailerSettings) -> FastAPI:
     renderer = MailRenderer(translations, settings.public_base_url, settings.mail_from, settings.reply_to,
                             settings.organisation_name, settings.organisation_address)
     transactional = TransactionalMail(db, renderer)
-    dead_letters = register_handlers(broker, settings, names, transactional)
+    event_mail = EventMail(db, renderer, sender.envelope_from)
+    dead_letters = register_handlers(broker, settings, names, transactional, event_mail)
     runtime = Runtime("mailer", settings, db, broker, names, relay)
     metrics = Metrics("mailer")
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from faststream.kafka import KafkaBroker
 
+from services.mailer.eventmail import EventMail
 from services.mailer.transactional import TransactionalMail
 from shared import topics
 from shared.kafka import DeadLetters, register_consumer
-from shared.messages import SUBSCRIBER_EVENTS
+from shared.messages import EVENT_EVENTS, REGISTRATION_EVENTS, SUBSCRIBER_EVENTS
 from shared.settings import CommonSettings
 from shared.topics import TopicNames
 
@@ -15,6 +16,10 @@ GROUP = "mailer"
 
 
 def register_handlers(broker: KafkaBroker, settings: CommonSettings, names: TopicNames,
-                      transactional: TransactionalMail) -> list[DeadLetters]:
-    return [register_consumer(broker, settings, names, topics.SUBSCRIBER, GROUP, SUBSCRIBER_EVENTS,
-                              transactional.handle)]
+                      transactional: TransactionalMail, event_mail: EventMail) -> list[DeadLetters]:
+    return [
+        register_consumer(broker, settings, names, topics.SUBSCRIBER, GROUP, SUBSCRIBER_EVENTS, transactional.handle),
+        register_consumer(broker, settings, names, topics.EVENT, GROUP, EVENT_EVENTS, event_mail.handle_event),
+        register_consumer(broker, settings, names, topics.REGISTRATION, GROUP, REGISTRATION_EVENTS,
+                          event_mail.handle_registration),
+    ]

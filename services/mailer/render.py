@@ -66,8 +66,9 @@ class MailRenderer:
                 "preferences_url": self.link("/preferences", token=manage_token, lang=language)}
 
     def render(self, kind: str, recipient: Recipient, subject_key: str, context: dict[str, Any],
-               manage_token: str | None = None, attachments: list[tuple[str, str, bytes]] = ()) -> Rendered:
-        """Build the MIME message for `kind` (templates `<kind>.html` and `<kind>.txt`)."""
+               manage_token: str | None = None, attachments: list[tuple[str, str, bytes]] = (),
+               template: str | None = None, subject_values: dict[str, Any] | None = None) -> Rendered:
+        """Build the MIME message for `kind` (templates `<template or kind>.html` and `.txt`)."""
         lang = recipient.language if recipient.language in self.tr.taxonomy.languages \
             else self.tr.taxonomy.default_language
         taxonomy = self.tr.taxonomy
@@ -76,11 +77,12 @@ class MailRenderer:
             return self.tr.gettext(lang, key, **values)
 
         links = self.manage_links(manage_token, lang) if manage_token else {}
-        ctx = dict(_=_, lang=lang, dir=taxonomy.text_direction(lang), name=recipient.name,
+        ctx = dict(_=_, lang=lang, dir=taxonomy.text_direction(lang), name=recipient.name, kind=kind,
                    organisation=self.organisation, address=self.address, taxonomy=taxonomy, **links, **context)
-        subject = safe_header(_(subject_key, organisation=self.organisation))
-        text = self.text.get_template(f"{kind}.txt").render(ctx)
-        html = self.inliner.inline(self.html.get_template(f"{kind}.html").render(subject=subject, **ctx))
+        subject = safe_header(_(subject_key, organisation=self.organisation, **(subject_values or {})))
+        name = template or kind
+        text = self.text.get_template(f"{name}.txt").render(ctx)
+        html = self.inliner.inline(self.html.get_template(f"{name}.html").render(subject=subject, **ctx))
 
         msg = EmailMessage(policy=POLICY)
         message_id = make_msgid(domain=self.domain)

@@ -48,3 +48,26 @@ outgoing_mail = Table(
     Column("correlation_id", String(64), nullable=True),
     Index("ix_outgoing_mail_due", "status", "next_attempt_at"),
 )
+
+# The events the mailer knows, from events.event.v1 (newest SEQUENCE wins).
+event_projection = Table(
+    "event_projection", metadata,
+    Column("event_id", String(36), primary_key=True),
+    Column("snapshot", JSON, nullable=False),
+    Column("sequence", Integer, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+# Who is registered for what, from events.registration.v1: the recipients of change notices.
+registration_projection = Table(
+    "registration_projection", metadata,
+    Column("registration_id", String(36), primary_key=True),
+    Column("event_id", String(36), nullable=False, index=True),
+    Column("email", String(320), nullable=False),
+    Column("name", String(200), nullable=True),
+    Column("language", String(8), nullable=False),
+    Column("status", String(16), nullable=False),  # confirmed, waitlisted, cancelled
+    Column("cancel_token", String(200), nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+)

@@ -2,36 +2,22 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import hmac
 import secrets
 import unicodedata
 from datetime import datetime, timedelta
 from typing import Literal
 
-from email_validator import EmailNotValidError, validate_email
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
+from shared.addresses import email_hash, normalise_email  # noqa: F401 - part of this module's rules
+from shared.signing import LinkSigner
 from shared.taxonomy import load_taxonomy
 
 STATUSES = ("pending", "active", "unsubscribed", "suppressed", "erased")
 MAX_EMAIL = 254
 MAX_NAME = 200
-
-
-def normalise_email(address: str) -> str:
-    """The form an address is stored and compared in: validated, trimmed, lower-case."""
-    try:
-        result = validate_email(address.strip(), check_deliverability=False)
-    except EmailNotValidError as exc:
-        raise ValueError(str(exc)) from exc
-    return result.normalized.lower()
-
-
-def email_hash(normalised: str) -> str:
-    return hashlib.sha256(normalised.encode()).hexdigest()
 
 
 def new_token() -> str:
@@ -54,26 +40,15 @@ def expiry(now: datetime, hours: int) -> datetime:
     return now + timedelta(hours=hours)
 
 
-class ManageLinks:
+class ManageLinks(LinkSigner):
     """Signed tokens for unsubscribe and preference links: no login, no expiry, unforgeable."""
 
     def __init__(self, secret: str) -> None:
-        self._key = hashlib.sha256(b"bridgepost-manage:" + secret.encode()).digest()
-
-    def _sign(self, subscriber_id: str) -> str:
-        mac = hmac.new(self._key, subscriber_id.encode(), hashlib.sha256).digest()[:18]
-        return base64.urlsafe_b64encode(mac).decode().rstrip("=")
-
-    def token(self, subscriber_id: str) -> str:
-        return f"{subscriber_id}.{self._sign(subscriber_id)}"
+        super().__init__(secret, "manage")
 
     def subscriber_id(self, token: str | None) -> str | None:
         """The subscriber a token was made for, or None for anything forged or malformed."""
-        if not token or len(token) > 200 or "." not in token:
-            return None
-        subscriber_id, _, signature = token.rpartition(".")
-        valid = hmac.compare_digest(signature.encode("utf-8", "replace"), self._sign(subscriber_id).encode())
-        return subscriber_id if valid else None
+        return self.verify(token)
 
 
 def _clean_text(value: str, limit: int) -> str:

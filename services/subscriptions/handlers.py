@@ -7,7 +7,7 @@ from faststream.kafka import KafkaBroker
 from services.subscriptions.usecases import Subscriptions
 from shared import topics
 from shared.kafka import DeadLetters, register_consumer
-from shared.messages import DELIVERY_EVENTS
+from shared.messages import DELIVERY_EVENTS, REGISTRATION_EVENTS
 from shared.settings import CommonSettings
 from shared.topics import TopicNames
 
@@ -16,6 +16,11 @@ GROUP = "subscriptions"
 
 def register_handlers(broker: KafkaBroker, settings: CommonSettings, names: TopicNames,
                       subscriptions: Subscriptions) -> list[DeadLetters]:
-    # Hard bounces count towards suppression; sent and failed mails are only acknowledged.
-    return [register_consumer(broker, settings, names, topics.DELIVERY, GROUP, DELIVERY_EVENTS,
-                              subscriptions.record_delivery)]
+    return [
+        # Hard bounces count towards suppression; sent and failed mails are only acknowledged.
+        register_consumer(broker, settings, names, topics.DELIVERY, GROUP, DELIVERY_EVENTS,
+                          subscriptions.record_delivery),
+        # "Also subscribe to the newsletter" on an event registration starts the double opt-in.
+        register_consumer(broker, settings, names, topics.REGISTRATION, GROUP, REGISTRATION_EVENTS,
+                          subscriptions.newsletter_from_registration),
+    ]

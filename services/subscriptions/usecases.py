@@ -29,11 +29,15 @@ from services.subscriptions.domain import (
 from services.subscriptions.settings import SubscriptionsSettings
 from shared import messages, topics
 from shared.db import Database, utcnow
-from shared.kafka import mark_processed
+from shared.kafka import AlreadyProcessed, mark_processed
 from shared.outbox import add_to_outbox
 
 log = logging.getLogger(__name__)
 s_ = store.subscribers
+
+
+# Sources whose requests were already gated elsewhere (no per-IP limit here).
+TRUSTED_SOURCES = ("import", "event-registration")
 
 
 class RateLimited(Exception):
@@ -99,25 +103,32 @@ class Subscriptions:
 
     # --- sign-up ---------------------------------------------------------------------------------
 
-    async def request_subscription(self, req: SignupRequest, ctx: RequestContext) -> None:
-        """Accept a sign-up. The caller answers the same whatever happens here (no enumeration)."""
+    async def request_subscription(self, req: SignupRequest, ctx: RequestContext,
+                                   processed_event: tuple[str, Any] | None = None) -> None:
+        """Accept a sign-up. The caller answers the same whatever happens here (no enumeration).
+
+        `processed_event` (consumer, event id) marks a Kafka event as handled in the same transaction.
+        """
         if req.website:  # honeypot filled in: a bot. Same answer, nothing stored.
             log.info("honeypot sign-up ignored (source %s)", ctx.source)
             return
         for attempt in range(2):
             try:
-                await self._request(req, ctx)
+                await self._request(req, ctx, processed_event)
                 return
             except IntegrityError:
                 if attempt:  # the concurrent insert of the same new address won twice: give up quietly
                     raise
                 # Two requests for one new address raced on the unique index: now it is known.
 
-    async def _request(self, req: SignupRequest, ctx: RequestContext) -> None:
+    async def _request(self, req: SignupRequest, ctx: RequestContext,
+                       processed_event: tuple[str, Any] | None) -> None:
         now = utcnow()
         digest = email_hash(req.email)
         async with self.db.transaction() as s:
-            if ctx.ip and ctx.source != "import":
+            if processed_event:
+                await mark_processed(s, store.infra, *processed_event)
+            if ctx.ip and ctx.source not in TRUSTED_SOURCES:
                 window = timedelta(seconds=self.settings.signups_per_ip_window_seconds)
                 if await self._hits(s, f"ip:{ctx.ip}", window) >= self.settings.signups_per_ip:
                     raise RateLimited(self.settings.signups_per_ip_window_seconds)
@@ -293,6 +304,24 @@ class Subscriptions:
                 await self._consent(s, row.id, "suppressed", None, reason="hard-bounce", smtp_code=event.smtp_code)
                 await self._emit(s, row.id, messages.SubscriberSuppressed(subscriber_id=row.id, reason="hard-bounce"),
                                  correlation_id)
+
+    async def newsletter_from_registration(self, event: Any, correlation_id: str | None) -> None:
+        """Someone registering for an event ticked "also the newsletter": start the double opt-in."""
+        newsletter = getattr(event, "newsletter", False)
+        if not newsletter:
+            return
+        try:
+            req = SignupRequest(email=event.email, name=event.name, language=event.language, topics=event.topics,
+                                regions=event.regions, consent=True)
+        except ValueError:
+            log.warning("registration %s: newsletter request not valid as a sign-up", event.registration_id)
+            return
+        ctx = RequestContext(ip=event.consent_ip, user_agent=event.consent_user_agent, source="event-registration",
+                             correlation_id=correlation_id)
+        try:
+            await self.request_subscription(req, ctx, ("subscriptions.registration", event.event_id))
+        except AlreadyProcessed:
+            return
 
     async def prune_rate_limits(self) -> None:
         async with self.db.transaction() as s:
