@@ -344,6 +344,7 @@ async def bench(args: argparse.Namespace) -> dict:
             results = await asyncio.gather(*(scheduled(i) for i in range(args.count)))
             elapsed = time.perf_counter() - start
             log(f"done in {elapsed:.1f} s; the SMTP server accepted {sink.mails} mails in all")
+            stages = await stage_breakdown(urls)
 
         return {
             "database": args.database,
@@ -351,6 +352,7 @@ async def bench(args: argparse.Namespace) -> dict:
             "rate": args.rate,
             "e2e": summary([e for e, _ in results]),
             "http": summary([h for _, h in results]),
+            "stages": stages,
             "cores": os.cpu_count(),
             "load": load,
             "date": dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
@@ -378,6 +380,46 @@ async def bench(args: argparse.Namespace) -> dict:
         tmp.cleanup()
 
 
+STAGES = (
+    ("outbox: commit → published to Kafka", "relay"),
+    ("Kafka → mailer's ledger row committed", "consume"),
+    ("ledger row → SMTP accepted and recorded", "send"),
+)
+
+
+async def stage_breakdown(urls: dict[str, str]) -> dict[str, dict[str, float]]:
+    """Where the time goes, from the services' own timestamps, joined by correlation id."""
+    from sqlalchemy import select
+
+    from services.mailer import store as mailer_store
+    from services.subscriptions import store as subscriptions_store
+    from shared.db import create_engine
+    from shared.messages import CORRELATION_HEADER
+
+    outbox, ledger = subscriptions_store.infra.outbox, mailer_store.outgoing_mail
+    sub_engine, mail_engine = create_engine(urls["subscriptions"]), create_engine(urls["mailer"])
+    try:
+        async with sub_engine.connect() as conn:
+            rows = (await conn.execute(select(outbox.c.headers, outbox.c.created_at, outbox.c.published_at)
+                                       .where(outbox.c.published_at.is_not(None)))).all()
+        published = {r.headers.get(CORRELATION_HEADER): (r.created_at, r.published_at) for r in rows}
+        async with mail_engine.connect() as conn:
+            mails = (await conn.execute(select(ledger.c.correlation_id, ledger.c.created_at, ledger.c.sent_at)
+                                        .where(ledger.c.kind == "confirmation", ledger.c.sent_at.is_not(None)))).all()
+    finally:
+        await sub_engine.dispose()
+        await mail_engine.dispose()
+    relay, consume, send = [], [], []
+    for m in mails:
+        if m.correlation_id not in published:
+            continue
+        created, sent_to_kafka = published[m.correlation_id]
+        relay.append((sent_to_kafka - created).total_seconds())
+        consume.append((m.created_at - sent_to_kafka).total_seconds())
+        send.append((m.sent_at - m.created_at).total_seconds())
+    return {"relay": summary(relay), "consume": summary(consume), "send": summary(send)} if relay else {}
+
+
 # --------------------------------------------------------------------------------------------- output
 
 def render_text(r: dict) -> str:
@@ -389,6 +431,11 @@ def render_text(r: dict) -> str:
     for label, key in (("sign-up → SMTP accepted (ms)", "e2e"), ("HTTP POST /api/v1/subscriptions (ms)", "http")):
         s = r[key]
         lines.append(f"{label:36}{r['count']:>7}{s['p50']:>9.1f}{s['p90']:>9.1f}{s['p99']:>9.1f}{s['max']:>9.1f}")
+    if r.get("stages"):
+        lines.append("where the time goes (ms):")
+        for label, key in STAGES:
+            s = r["stages"][key]
+            lines.append(f"  {label:42}{s['p50']:>9.1f}{s['p90']:>9.1f}{s['p99']:>9.1f}{s['max']:>9.1f}")
     return "\n".join(lines)
 
 
@@ -406,6 +453,9 @@ def render_markdown(r: dict) -> str:
     for label, key in (("sign-up → SMTP accepted", "e2e"), ("HTTP POST /api/v1/subscriptions", "http")):
         s = r[key]
         rows.append(f"| {label} | {r['count']} | {s['p50']:.1f} | {s['p90']:.1f} | {s['p99']:.1f} | {s['max']:.1f} |")
+    for label, key in STAGES if r.get("stages") else ():
+        s = r["stages"][key]
+        rows.append(f"| stage: {label} | | {s['p50']:.1f} | {s['p90']:.1f} | {s['p99']:.1f} | {s['max']:.1f} |")
     rows.append(f"<!-- end: {r['database']} -->")
     return "\n".join(rows)
 

@@ -107,10 +107,10 @@ def describe(error: BaseException) -> str:
 Handler = Callable[[Any, str | None], Awaitable[None]]
 
 
-def consumer_group(service: str, topic: str) -> str:
+def consumer_group(service: str, topic: str, prefix: str = "") -> str:
     """One consumer group per service and topic: members of a group all read the same topic, so a
-    new instance only rebalances that topic's partitions."""
-    return f"{service}.{topic}"
+    new instance only rebalances that topic's partitions. The topic prefix keeps stacks apart."""
+    return f"{prefix}{service}.{topic}"
 
 
 def register_consumer(
@@ -118,7 +118,7 @@ def register_consumer(
     schema: TypeAdapter[Any], handler: Handler,
 ) -> DeadLetters:
     """Subscribe `handler(event, correlation_id)` to `topic` with commit-after-processing and a DLQ."""
-    group_id = consumer_group(service, topic)
+    group_id = consumer_group(service, topic, names.prefix)
     dead_letters = DeadLetters(broker, group_id, topic)
     max_attempts = settings.consumer_max_attempts
 
@@ -162,6 +162,8 @@ def register_consumer(
     consume.__name__ = f"consume_{topic.replace('.', '_')}_{group_id.replace('-', '_')}"
     broker.subscriber(
         names(topic), group_id=group_id, ack_policy=AckPolicy.NACK_ON_ERROR, auto_offset_reset="earliest",
+        fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
+        **({"max_workers": settings.kafka_consumers_per_topic} if settings.kafka_consumers_per_topic > 1 else {}),
         title=f"{group_id}:{topic}",
     )(consume)
     return dead_letters

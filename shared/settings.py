@@ -32,6 +32,14 @@ class CommonSettings(BaseSettings):
         True, validation_alias=env("KAFKA_ENABLE_IDEMPOTENCE"),
         description="Idempotent producer; the embedded dev broker does not support it (dev turns it off)",
     )
+    kafka_fetch_max_wait_ms: int = Field(
+        500, validation_alias=env("KAFKA_FETCH_MAX_WAIT_MS"),
+        description="Longest a consumer's fetch waits for new messages (lower: less latency, more requests)",
+    )
+    kafka_consumers_per_topic: int = Field(
+        1, ge=1, le=32, validation_alias=env("KAFKA_CONSUMERS_PER_TOPIC"),
+        description="Consumers per topic in one process: partitions are handled in parallel, each in order",
+    )
     kafka_topic_prefix: str = Field(
         "", validation_alias=env("KAFKA_TOPIC_PREFIX"),
         description="Prefix for every topic name, so several stacks can share one broker",

@@ -51,6 +51,7 @@ async def register(stack: Stack, event_id: str, email: str, **over) -> httpx.Res
 def calendar(msg) -> Calendar:
     parts = [p for p in msg.walk() if p.get_content_type() == "text/calendar"]
     assert len(parts) == 1, [p.get_content_type() for p in msg.walk()]
+    assert parts[0].get_param("method") == Calendar.from_ical(parts[0].get_payload(decode=True))["METHOD"]
     return Calendar.from_ical(parts[0].get_payload(decode=True))
 
 

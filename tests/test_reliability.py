@@ -62,8 +62,8 @@ async def test_poison_messages_go_to_the_dlq_and_the_consumers_go_on(stack: Stac
             assert headers["x-original-offset"].isdigit() and headers["x-dlq-error"]
     # Both consumers went on: a new sign-up is mailed (mailer), a bounce suppresses (subscriptions).
     await _bounce_suppresses(stack)
-    await wait_caught_up(stack.kafka.bootstrap, f"mailer.{topics.SUBSCRIBER}", f"{stack.topic_prefix}{topics.SUBSCRIBER}")
-    await wait_caught_up(stack.kafka.bootstrap, f"subscriptions.{topics.DELIVERY}", f"{stack.topic_prefix}{topics.DELIVERY}")
+    await wait_caught_up(stack.kafka.bootstrap, f"{stack.topic_prefix}mailer.{topics.SUBSCRIBER}", f"{stack.topic_prefix}{topics.SUBSCRIBER}")
+    await wait_caught_up(stack.kafka.bootstrap, f"{stack.topic_prefix}subscriptions.{topics.DELIVERY}", f"{stack.topic_prefix}{topics.DELIVERY}")
 
 
 async def _bounce_suppresses(stack: Stack) -> None:
@@ -119,8 +119,8 @@ async def test_a_replayed_topic_changes_nothing_and_sends_nothing(stack: Stack) 
     await stack.subscriptions.post(f"/unsubscribe?token={manage_token(welcome)}", data={"confirm": "yes"})
     subscriber_topic = f"{stack.topic_prefix}{topics.SUBSCRIBER}"
     delivery_topic = f"{stack.topic_prefix}{topics.DELIVERY}"
-    for group, topic in ((f"mailer.{topics.SUBSCRIBER}", subscriber_topic),
-                         (f"subscriptions.{topics.DELIVERY}", delivery_topic)):
+    for group, topic in ((f"{stack.topic_prefix}mailer.{topics.SUBSCRIBER}", subscriber_topic),
+                         (f"{stack.topic_prefix}subscriptions.{topics.DELIVERY}", delivery_topic)):
         await wait_caught_up(stack.kafka.bootstrap, group, topic)
     before_mails = len(stack.smtp.messages)
     before = await stack.subscriber(addr)
@@ -129,8 +129,8 @@ async def test_a_replayed_topic_changes_nothing_and_sends_nothing(stack: Stack) 
         records = await read_all(stack.kafka.bootstrap, topic)
         assert records
         await publish_raw(stack.kafka.bootstrap, topic, [(r.key, r.value, list(r.headers)) for r in records])
-    for group, topic in ((f"mailer.{topics.SUBSCRIBER}", subscriber_topic),
-                         (f"subscriptions.{topics.DELIVERY}", delivery_topic)):
+    for group, topic in ((f"{stack.topic_prefix}mailer.{topics.SUBSCRIBER}", subscriber_topic),
+                         (f"{stack.topic_prefix}subscriptions.{topics.DELIVERY}", delivery_topic)):
         await wait_caught_up(stack.kafka.bootstrap, group, topic)
     await asyncio.sleep(1.0)  # let the sending loop look at its ledger once more
     assert len(stack.smtp.messages) == before_mails

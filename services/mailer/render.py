@@ -100,8 +100,12 @@ class MailRenderer:
         if attachments:
             msg.make_mixed()
             for filename, content_type, data in attachments:
-                maintype, _slash, subtype = content_type.partition("/")
-                msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=filename)
+                kind, *raw_params = (part.strip() for part in content_type.split(";"))
+                maintype, _slash, subtype = kind.partition("/")
+                params = dict(p.split("=", 1) for p in raw_params if "=" in p)
+                if maintype == "text":
+                    params.setdefault("charset", "utf-8")
+                msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=filename, params=params)
         # Last: set_content() and make_mixed() move or clear Content-* headers.
         msg["Content-Language"] = lang
         return Rendered(msg, message_id)
