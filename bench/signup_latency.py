@@ -287,7 +287,7 @@ async def bench(args: argparse.Namespace) -> dict:
             urls = {n: f"sqlite+aiosqlite:///{folder}/{n}.db" for n in ("subscriptions", "mailer")}
 
         env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("SUBSCRIPTIONS_", "MAILER_", "KAFKA_", "SMTP_"))}
+               if not k.startswith(("SUBSCRIPTIONS_", "EVENTS_", "MAILER_", "KAFKA_", "SMTP_"))}
         env.update({
             "BRIDGEPOST_ENV": "dev",
             "PYTHONUNBUFFERED": "1",
@@ -295,6 +295,8 @@ async def bench(args: argparse.Namespace) -> dict:
             "KAFKA_ENABLE_IDEMPOTENCE": "false",
             "SUBSCRIPTIONS_DATABASE_URL": urls["subscriptions"],
             "MAILER_DATABASE_URL": urls["mailer"],
+            # migrated along with the others; the benchmark does not start the events service
+            "EVENTS_DATABASE_URL": f"sqlite+aiosqlite:///{folder}/events.db",
             "SMTP_HOST": "127.0.0.1",
             "SMTP_PORT": str(sink.port),
             "SUBSCRIPTIONS_TRUST_FORWARDED_FOR": "true",
