@@ -49,12 +49,15 @@ POISON = [
 
 
 async def test_poison_messages_go_to_the_dlq_and_the_consumers_go_on(stack: Stack) -> None:
-    for topic in (topics.SUBSCRIBER, topics.DELIVERY):
+    consumed = (topics.SUBSCRIBER, topics.DELIVERY, topics.EVENT, topics.REGISTRATION)
+    for topic in consumed:
         await publish_raw(stack.kafka.bootstrap, f"{stack.topic_prefix}{topic}",
                           [(b"poison-key", value, [("x-test", b"poison")]) for value in POISON])
-    for topic in (topics.SUBSCRIBER, topics.DELIVERY):
-        records = await _dlq_records(stack, topic, len(POISON))
-        assert sorted(r.value for r in records) == sorted(POISON)
+    for topic in consumed:
+        # events.registration.v1 has two consumers (mailer, subscriptions): each dead-letters its copy
+        copies = 2 if topic == topics.REGISTRATION else 1
+        records = await _dlq_records(stack, topic, len(POISON) * copies)
+        assert sorted(r.value for r in records) == sorted(POISON * copies)
         for r in records:
             headers = {k: v.decode() for k, v in r.headers}
             assert r.key == b"poison-key" and headers["x-test"] == "poison"
@@ -117,24 +120,38 @@ async def test_a_replayed_topic_changes_nothing_and_sends_nothing(stack: Stack) 
     await stack.confirm(addr)
     welcome = (await stack.smtp.wait_for(addr, 2))[1]
     await stack.subscriptions.post(f"/unsubscribe?token={manage_token(welcome)}", data={"confirm": "yes"})
-    subscriber_topic = f"{stack.topic_prefix}{topics.SUBSCRIBER}"
-    delivery_topic = f"{stack.topic_prefix}{topics.DELIVERY}"
-    for group, topic in ((f"{stack.topic_prefix}mailer.{topics.SUBSCRIBER}", subscriber_topic),
-                         (f"{stack.topic_prefix}subscriptions.{topics.DELIVERY}", delivery_topic)):
-        await wait_caught_up(stack.kafka.bootstrap, group, topic)
+    # an event with a registration, so the events topics have something to replay too
+    created = await stack.events.post("/api/v1/events", headers=stack.staff(), json={
+        "kind": "info", "title": {"de": "Replay"}, "starts_at": "2030-01-01T10:00", "ends_at": "2030-01-01T11:00",
+        "online_url": "https://meet.example.org/replay", "region": "halle"})
+    event_id = created.json()["event_id"]
+    await stack.events.post(f"/api/v1/events/{event_id}/publish", headers=stack.staff())
+    guest = stack.address("replay-guest")
+    await stack.events.post(f"/events/{event_id}/register", json={"email": guest, "newsletter": True})
+    await stack.smtp.wait_for(guest, 2)
+    consumers = [("mailer", topics.SUBSCRIBER), ("subscriptions", topics.DELIVERY), ("mailer", topics.EVENT),
+                 ("mailer", topics.REGISTRATION), ("subscriptions", topics.REGISTRATION)]
+
+    async def caught_up() -> None:
+        for service, topic in consumers:
+            await wait_caught_up(stack.kafka.bootstrap, f"{stack.topic_prefix}{service}.{topic}",
+                                 f"{stack.topic_prefix}{topic}")
+
+    await caught_up()
     before_mails = len(stack.smtp.messages)
     before = await stack.subscriber(addr)
+    before_guest = await stack.subscriber(guest)
 
-    for topic in (subscriber_topic, delivery_topic):
-        records = await read_all(stack.kafka.bootstrap, topic)
+    for topic in {t for _, t in consumers}:
+        records = await read_all(stack.kafka.bootstrap, f"{stack.topic_prefix}{topic}")
         assert records
-        await publish_raw(stack.kafka.bootstrap, topic, [(r.key, r.value, list(r.headers)) for r in records])
-    for group, topic in ((f"{stack.topic_prefix}mailer.{topics.SUBSCRIBER}", subscriber_topic),
-                         (f"{stack.topic_prefix}subscriptions.{topics.DELIVERY}", delivery_topic)):
-        await wait_caught_up(stack.kafka.bootstrap, group, topic)
+        await publish_raw(stack.kafka.bootstrap, f"{stack.topic_prefix}{topic}",
+                          [(r.key, r.value, list(r.headers)) for r in records])
+    await caught_up()
     await asyncio.sleep(1.0)  # let the sending loop look at its ledger once more
     assert len(stack.smtp.messages) == before_mails
     assert await stack.subscriber(addr) == before
+    assert await stack.subscriber(guest) == before_guest
 
 
 def test_dlq_error_text_holds_no_message_content() -> None:
