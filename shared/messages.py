@@ -258,3 +258,18 @@ RegistrationEventUnion = Annotated[
 
 EVENT_EVENTS: TypeAdapter[EventEvent] = TypeAdapter(EventEvent)
 REGISTRATION_EVENTS: TypeAdapter[RegistrationEventUnion] = TypeAdapter(RegistrationEventUnion)
+
+# --- mailer.jobs.v1 (key: batch id) --------------------------------------------------------------
+
+
+class CampaignBatch(Envelope):
+    """Internal work of the mailer: send one batch of a campaign's ledger. Spread over partitions, so
+    every mailer instance takes a share of a campaign."""
+
+    type: Literal["campaign_batch"] = "campaign_batch"
+    campaign_id: str
+    batch: int
+
+
+JobEvent = Annotated[CampaignBatch, Field(discriminator="type")]
+JOB_EVENTS: TypeAdapter[JobEvent] = TypeAdapter(JobEvent)

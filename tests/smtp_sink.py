@@ -21,6 +21,7 @@ class SmtpSink:
         self.rcpt_answer: Callable[[str], str | None] = self._scripted
         self.data_answer: Callable[[list[str]], str | None] = lambda _rcpts: None
         self.attempts: dict[str, int] = {}
+        self.delay = 0.0  # seconds before answering DATA: a slow server, so a campaign takes a while
         self._server: asyncio.AbstractServer | None = None
         self.port = 0
         self.changed = asyncio.Event()
@@ -41,6 +42,8 @@ class SmtpSink:
         return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.delay:
+            await asyncio.sleep(self.delay)
         answer = self.data_answer([a.lower() for a in envelope.rcpt_tos])
         if answer:
             return answer

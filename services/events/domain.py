@@ -10,7 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, mod
 from pydantic_core import PydanticCustomError
 
 from shared.addresses import normalise_email
-from shared.messages import Place, Segment
+from shared.messages import Place
+from shared.segment import SegmentIn
 from shared.taxonomy import load_taxonomy
 
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -46,32 +47,6 @@ def _known(dimension: str, values: list[str], code: str) -> list[str]:
         if value not in known:
             raise PydanticCustomError(code, "unknown key {value!r}", {"value": value[:50]})
     return list(dict.fromkeys(values))
-
-
-class SegmentIn(Segment):
-    @field_validator("groups")
-    @classmethod
-    def _groups(cls, v: list[str]) -> list[str]:
-        return _known("groups", v, "unknown_group")
-
-    @field_validator("regions")
-    @classmethod
-    def _regions(cls, v: list[str]) -> list[str]:
-        return _known("regions", v, "unknown_region")
-
-    @field_validator("topics")
-    @classmethod
-    def _topics(cls, v: list[str]) -> list[str]:
-        return _known("topics", v, "unknown_topic")
-
-    @field_validator("languages")
-    @classmethod
-    def _languages(cls, v: list[str]) -> list[str]:
-        languages = load_taxonomy().languages
-        for lang in v:
-            if lang not in languages:
-                raise PydanticCustomError("unknown_language", "unknown language {value!r}", {"value": lang[:20]})
-        return v
 
 
 class PlaceIn(Place):

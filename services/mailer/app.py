@@ -8,6 +8,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from services.mailer import api, store
+from services.mailer.campaigns import Campaigns
 from services.mailer.eventmail import EventMail
 from services.mailer.handlers import register_handlers
 from services.mailer.render import MailRenderer
@@ -38,8 +39,10 @@ def create_app(settings: MailerSettings) -> FastAPI:
                             settings.organisation_name, settings.organisation_address)
     transactional = TransactionalMail(db, renderer)
     event_mail = EventMail(db, renderer, sender.envelope_from)
-    dead_letters = register_handlers(broker, settings, names, transactional, event_mail)
+    campaigns = Campaigns(db, renderer, settings, sender.pool, sender.limiter)
+    dead_letters = register_handlers(broker, settings, names, transactional, event_mail, campaigns)
     runtime = Runtime("mailer", settings, db, broker, names, relay)
+    runtime.every(1.0, campaigns.sweep)
     metrics = Metrics("mailer")
 
     @asynccontextmanager
@@ -59,6 +62,7 @@ def create_app(settings: MailerSettings) -> FastAPI:
     app.state.runtime = runtime
     app.state.dead_letters = dead_letters
     app.state.renderer = renderer
+    app.state.campaigns = campaigns
     app.include_router(api.router)
     add_operational_routes(app, metrics, {"database": db.ping, "broker": runtime.broker_ready},
                            refresh=lambda: runtime.refresh_metrics(metrics, dead_letters))

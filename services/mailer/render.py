@@ -67,7 +67,8 @@ class MailRenderer:
 
     def render(self, kind: str, recipient: Recipient, subject_key: str, context: dict[str, Any],
                manage_token: str | None = None, attachments: list[tuple[str, str, bytes]] = (),
-               template: str | None = None, subject_values: dict[str, Any] | None = None) -> Rendered:
+               template: str | None = None, subject_values: dict[str, Any] | None = None,
+               subject: str | None = None) -> Rendered:
         """Build the MIME message for `kind` (templates `<template or kind>.html` and `.txt`)."""
         lang = recipient.language if recipient.language in self.tr.taxonomy.languages \
             else self.tr.taxonomy.default_language
@@ -79,7 +80,8 @@ class MailRenderer:
         links = self.manage_links(manage_token, lang) if manage_token else {}
         ctx = dict(_=_, lang=lang, dir=taxonomy.text_direction(lang), name=recipient.name, kind=kind,
                    organisation=self.organisation, address=self.address, taxonomy=taxonomy, **links, **context)
-        subject = safe_header(_(subject_key, organisation=self.organisation, **(subject_values or {})))
+        subject = safe_header(subject if subject is not None else
+                              _(subject_key, organisation=self.organisation, **(subject_values or {})))
         name = template or kind
         text = self.text.get_template(f"{name}.txt").render(ctx)
         html = self.inliner.inline(self.html.get_template(f"{name}.html").render(subject=subject, **ctx))

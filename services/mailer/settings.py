@@ -31,6 +31,10 @@ class MailerSettings(ServiceSettings):
     mail_from: str = Field("bridgepost <newsletter@bridgepost.example>", validation_alias=env("MAIL_FROM"))
     reply_to: str = Field("kontakt@bridgepost.example", validation_alias=env("MAIL_REPLY_TO"))
     send_rate_per_second: float = Field(50.0, description="Global send rate of this instance; 0 = unlimited")
+    send_rate_per_domain: float = Field(
+        0.0, description="Sends per second to one recipient domain (e.g. gmail.com) per instance; 0 = unlimited")
+    campaign_batch_size: int = Field(200, ge=1, le=10000,
+                                     description="Recipients per job on mailer.jobs.v1 (the unit instances share)")
     retry_base_seconds: float = Field(30.0, description="First retry after a temporary failure; doubles each time")
     retry_max_seconds: float = Field(3600.0)
     max_attempts: int = Field(8, description="Attempts before a temporarily failing mail counts as failed")

@@ -71,3 +71,41 @@ registration_projection = Table(
     Column("cancel_token", String(200), nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
 )
+
+# Newsletter issues, event announcements and digests written for a segment.
+campaigns = Table(
+    "campaigns", metadata,
+    Column("id", String(36), primary_key=True),
+    Column("kind", String(16), nullable=False),  # newsletter, announcement, digest
+    Column("subject", JSON, nullable=False),  # language -> text; "de" always present
+    Column("body_markdown", JSON, nullable=False),
+    Column("segment", JSON, nullable=False),
+    Column("status", String(16), nullable=False),  # draft, scheduled, sending, paused, done, cancelled
+    Column("scheduled_at", UTCDateTime, nullable=True),
+    Column("event_id", String(36), nullable=True, unique=True),  # the event an announcement is for
+    Column("created_by", String(200), nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("started_at", UTCDateTime, nullable=True),
+    Column("finished_at", UTCDateTime, nullable=True),
+    Index("ix_campaigns_status", "status"),
+)
+
+# The delivery ledger: one row per (campaign, recipient), created when sending starts. States:
+# pending → sending → sent | retry → … | failed; skipped (no longer active); cancelled; ambiguous.
+campaign_deliveries = Table(
+    "campaign_deliveries", metadata,
+    Column("campaign_id", String(36), primary_key=True),
+    Column("subscriber_id", String(36), primary_key=True),
+    Column("batch", Integer, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", UTCDateTime, nullable=False),
+    Column("last_error", String(500), nullable=True),
+    Column("claimed_by", String(64), nullable=True),
+    Column("claimed_at", UTCDateTime, nullable=True),
+    Column("sent_at", UTCDateTime, nullable=True),
+    Column("message_id", String(200), nullable=True),
+    Index("ix_campaign_deliveries_batch", "campaign_id", "batch", "status"),
+    Index("ix_campaign_deliveries_due", "status", "next_attempt_at"),
+)

@@ -1,0 +1,266 @@
+"""Campaigns: newsletter issues sent to a segment, each recipient exactly once (SPEC §2.2, §2.5).
+
+Sending starts by writing the ledger (one row per recipient, in batches) and one job per batch to
+`mailer.jobs.v1` — through the outbox, in the same transaction. Every mailer instance consumes a
+share of the job partitions. A job claims its batch's pending rows (`sending`, committed) before
+handing them to SMTP and records each answer; a process that dies leaves its claimed rows `sending`,
+which the sweep counts as `ambiguous` — never resent. The job's offset is committed only after the
+batch is done, so a killed instance's batch is picked up by another (or by itself after restart),
+which sends the rows that were still pending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import defaultdict
+from datetime import datetime, timedelta
+from email.utils import parseaddr
+from typing import Any
+
+import aiosmtplib
+from sqlalchemy import and_, func, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.mailer import store
+from services.mailer.render import MailRenderer, Recipient, Rendered
+from services.mailer.segments import matches, member
+from services.mailer.sending import RateLimiter
+from services.mailer.settings import MailerSettings
+from services.mailer.smtp import SmtpPool
+from services.mailer.staff_text import render_html, render_text
+from shared import messages, topics
+from shared.db import Database, utcnow
+from shared.outbox import add_to_outbox
+
+log = logging.getLogger(__name__)
+c_ = store.campaigns
+d_ = store.campaign_deliveries
+a_ = store.audience
+UNFINISHED = ("pending", "sending", "retry")
+COUNT_NAMES = {"retry": "retrying"}
+
+
+class CampaignStateError(Exception):
+    """The action does not fit the campaign's status (e.g. editing one that is sending)."""
+
+
+class Campaigns:
+    def __init__(self, db: Database, renderer: MailRenderer, settings: MailerSettings, pool: SmtpPool,
+                 limiter: RateLimiter) -> None:
+        self.db, self.renderer, self.settings, self.pool, self.limiter = db, renderer, settings, pool, limiter
+        self.envelope_from = parseaddr(settings.mail_from)[1]
+        self._domain_limits: dict[str, RateLimiter] = defaultdict(lambda: RateLimiter(settings.send_rate_per_domain))
+        self.instance = uuid.uuid4().hex[:12]
+        self.in_flight = 0
+
+    # --- content -----------------------------------------------------------------------------------
+
+    def content(self, campaign, language: str) -> tuple[str, str, bool]:
+        """(subject, body) in `language`, else German; and whether it fell back."""
+        if campaign.subject.get(language) and campaign.body_markdown.get(language):
+            return campaign.subject[language], campaign.body_markdown[language], False
+        return campaign.subject["de"], campaign.body_markdown["de"], language != "de"
+
+    def render_for(self, campaign, email: str, name: str | None, language: str, manage_token: str) -> Rendered:
+        language = language if language in self.renderer.tr.taxonomy.languages else "de"
+        subject_src, body_src, fell_back = self.content(campaign, language)
+        mail_language = "de" if fell_back else language
+        links = self.renderer.manage_links(manage_token, mail_language)
+        values = {"name": name or "", "email": email, "organisation": self.renderer.organisation, **links}
+        return self.renderer.render(
+            "campaign", Recipient(email, name, mail_language), "", {
+                "body_html": render_html(body_src, values), "body_text": render_text(body_src, values)},
+            manage_token=manage_token, subject=render_text(subject_src, values))
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+
+    async def recipients(self, s: AsyncSession, segment: messages.Segment) -> list[str]:
+        rows = (await s.execute(select(a_).where(a_.c.status == "active"))).all()
+        return [r.subscriber_id for r in rows if matches(segment, member(r))]
+
+    async def start(self, campaign_id: str, correlation_id: str | None = None,
+                    from_statuses: tuple[str, ...] = ("draft", "scheduled")) -> int:
+        """Write the ledger and the jobs; returns the number of recipients (0 if not startable)."""
+        async with self.db.transaction() as s:
+            started = await s.execute(update(c_).where(c_.c.id == campaign_id, c_.c.status.in_(from_statuses))
+                                      .values(status="sending", started_at=utcnow(), updated_at=utcnow()))
+            if not started.rowcount:
+                return 0
+            campaign = (await s.execute(select(c_).where(c_.c.id == campaign_id))).first()
+            ids = await self.recipients(s, messages.Segment(**campaign.segment))
+            size = self.settings.campaign_batch_size
+            now = utcnow()
+            for offset in range(0, len(ids), 1000):
+                await s.execute(insert(d_), [
+                    {"campaign_id": campaign_id, "subscriber_id": sid, "batch": (offset + i) // size,
+                     "status": "pending", "attempts": 0, "next_attempt_at": now}
+                    for i, sid in enumerate(ids[offset:offset + 1000])])
+            for batch in range((len(ids) + size - 1) // size):
+                await self._job(s, campaign_id, batch, correlation_id)
+            if not ids:
+                await s.execute(update(c_).where(c_.c.id == campaign_id).values(status="done", finished_at=now))
+            return len(ids)
+
+    async def _job(self, s: AsyncSession, campaign_id: str, batch: int, correlation_id: str | None) -> None:
+        await add_to_outbox(s, store.infra, topics.JOBS, f"{campaign_id}:{batch}",
+                            messages.CampaignBatch(campaign_id=campaign_id, batch=batch), correlation_id)
+
+    async def set_status(self, campaign_id: str, action: str) -> str:
+        """pause, resume or cancel; returns the new status."""
+        allowed = {"pause": (("sending",), "paused"), "resume": (("paused",), "sending"),
+                   "cancel": (("draft", "scheduled", "sending", "paused"), "cancelled")}
+        before, after = allowed[action]
+        async with self.db.transaction() as s:
+            campaign = (await s.execute(select(c_).where(c_.c.id == campaign_id).with_for_update())).first()
+            if campaign is None:
+                raise KeyError(campaign_id)
+            if campaign.status == after:
+                return after
+            if campaign.status not in before:
+                raise CampaignStateError(f"cannot {action} a campaign that is {campaign.status}")
+            await s.execute(update(c_).where(c_.c.id == campaign_id).values(status=after, updated_at=utcnow()))
+            if action == "cancel":
+                await s.execute(update(d_).where(d_.c.campaign_id == campaign_id, d_.c.status.in_(("pending", "retry")))
+                                .values(status="cancelled"))
+            if action == "resume":  # the paused jobs returned early: hand out the unfinished batches again
+                batches = (await s.scalars(select(d_.c.batch).where(d_.c.campaign_id == campaign_id,
+                                                                     d_.c.status == "pending").distinct())).all()
+                for batch in sorted(batches):
+                    await self._job(s, campaign_id, batch, None)
+            return after
+
+    async def counts(self, campaign_id: str) -> dict[str, int]:
+        async with self.db.sessions() as s:
+            rows = (await s.execute(select(d_.c.status, func.count()).where(d_.c.campaign_id == campaign_id)
+                                    .group_by(d_.c.status))).all()
+        counts = {name: 0 for name in ("pending", "sending", "sent", "retrying", "failed", "ambiguous", "skipped",
+                                       "cancelled")}
+        for status, n in rows:
+            counts[COUNT_NAMES.get(status, status)] = n
+        counts["total"] = sum(n for _, n in rows)
+        return counts
+
+    # --- the engine ----------------------------------------------------------------------------------
+
+    async def handle_job(self, job: messages.CampaignBatch, correlation_id: str | None) -> None:
+        """Send one batch; returns when it is done, or at once while the campaign is not sending."""
+        chunk = max(1, self.settings.smtp_pool_size) * 4
+        while True:
+            async with self.db.sessions() as s:
+                status = await s.scalar(select(c_.c.status).where(c_.c.id == job.campaign_id))
+            if status != "sending":
+                return
+            rows = await self._claim(and_(d_.c.campaign_id == job.campaign_id, d_.c.batch == job.batch,
+                                          d_.c.status == "pending"), chunk)
+            if not rows:
+                return
+            await self._send_rows(rows)
+
+    async def _claim(self, where, limit: int) -> list:
+        claim = f"{self.instance}:{uuid.uuid4().hex[:12]}"
+        now = utcnow()
+        async with self.db.transaction() as s:
+            pick = select(d_.c.campaign_id, d_.c.subscriber_id).where(where).limit(limit)
+            if self.db.engine.dialect.name == "postgresql":  # instances claim different rows, no waiting
+                pick = pick.with_for_update(skip_locked=True)
+            chosen: dict[str, list[str]] = defaultdict(list)
+            for r in (await s.execute(pick)).all():
+                chosen[r.campaign_id].append(r.subscriber_id)
+            if not chosen:
+                return []
+            for campaign_id, subscriber_ids in chosen.items():
+                # `where` again: a row another instance claimed meanwhile is not taken twice.
+                await s.execute(update(d_).where(d_.c.campaign_id == campaign_id, d_.c.subscriber_id.in_(subscriber_ids),
+                                                 where).values(status="sending", claimed_by=claim, claimed_at=now))
+            return (await s.execute(
+                select(d_, a_.c.email, a_.c.name, a_.c.language, a_.c.manage_token, a_.c.status.label("audience"))
+                .outerjoin(a_, a_.c.subscriber_id == d_.c.subscriber_id)
+                .where(d_.c.claimed_by == claim, d_.c.status == "sending"))).all()
+
+    async def _send_rows(self, rows: list) -> None:
+        campaigns: dict[str, Any] = {}
+        async with self.db.sessions() as s:
+            for cid in {r.campaign_id for r in rows}:
+                campaigns[cid] = (await s.execute(select(c_).where(c_.c.id == cid))).first()
+        await asyncio.gather(*(self._send_one(campaigns[r.campaign_id], r) for r in rows))
+
+    def _mine(self, row):
+        return and_(d_.c.campaign_id == row.campaign_id, d_.c.subscriber_id == row.subscriber_id,
+                    d_.c.claimed_by == row.claimed_by, d_.c.status.in_(("sending", "ambiguous")))
+
+    async def _send_one(self, campaign, row) -> None:
+        if row.audience != "active" or not row.email or not row.manage_token:
+            # Unsubscribed, suppressed or erased since the campaign started: not mailed.
+            async with self.db.transaction() as s:
+                await s.execute(update(d_).where(self._mine(row)).values(status="skipped"))
+            return
+        await self.limiter.wait()
+        await self._domain_limits[row.email.rpartition("@")[2]].wait()
+        rendered = self.render_for(campaign, row.email, row.name, row.language, row.manage_token)
+        self.in_flight += 1
+        try:
+            await self.pool.send(rendered.message, self.envelope_from, row.email)
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            await self._failed(row, min((r.code for r in exc.recipients), default=None), str(exc))
+        except aiosmtplib.SMTPResponseException as exc:
+            await self._failed(row, exc.code, exc.message)
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            await self._failed(row, None, f"{type(exc).__name__}: {exc}")
+        else:
+            async with self.db.transaction() as s:
+                await s.execute(update(d_).where(self._mine(row)).values(
+                    status="sent", sent_at=utcnow(), attempts=row.attempts + 1, message_id=rendered.message_id,
+                    last_error=None))
+        finally:
+            self.in_flight -= 1
+
+    async def _failed(self, row, code: int | None, error: str) -> None:
+        attempts = row.attempts + 1
+        permanent = code is not None and 500 <= code < 600
+        gave_up = not permanent and attempts >= self.settings.max_attempts
+        error = error[:480]
+        async with self.db.transaction() as s:
+            if permanent or gave_up:
+                await s.execute(update(d_).where(self._mine(row)).values(
+                    status="failed", attempts=attempts, last_error=f"{code} {error}"))
+            else:
+                delay = min(self.settings.retry_base_seconds * 2 ** (attempts - 1), self.settings.retry_max_seconds)
+                await s.execute(update(d_).where(self._mine(row)).values(
+                    status="retry", attempts=attempts, last_error=f"{code} {error}",
+                    next_attempt_at=utcnow() + timedelta(seconds=delay)))
+            mail_id = f"{row.campaign_id}:{row.subscriber_id}"
+            event = (messages.MailBounced(subscriber_id=row.subscriber_id, mail_id=mail_id, kind="campaign",
+                                          smtp_code=code, error=error) if permanent else
+                     messages.MailFailed(subscriber_id=row.subscriber_id, mail_id=mail_id, kind="campaign",
+                                         attempt=attempts, final=gave_up, smtp_code=code, error=error))
+            await add_to_outbox(s, store.infra, topics.DELIVERY, row.subscriber_id, event, None)
+
+    async def sweep(self, now: datetime | None = None) -> None:
+        """Periodic: start due scheduled campaigns, retry due rows, count the ambiguous, finish."""
+        now = now or utcnow()
+        async with self.db.sessions() as s:
+            due = (await s.scalars(select(c_.c.id).where(c_.c.status == "scheduled", c_.c.scheduled_at <= now))).all()
+        for campaign_id in due:
+            await self.start(campaign_id, from_statuses=("scheduled",))
+        cutoff = now - timedelta(seconds=self.settings.ambiguous_after_seconds)
+        async with self.db.transaction() as s:
+            stuck = await s.execute(update(d_).where(d_.c.status == "sending", d_.c.claimed_at < cutoff)
+                                    .values(status="ambiguous"))
+        if stuck.rowcount:
+            log.warning("%d campaign mail(s) were in flight when a mailer stopped: counted as ambiguous",
+                        stuck.rowcount)
+        sending = select(c_.c.id).where(c_.c.status == "sending").scalar_subquery()
+        retries = await self._claim(and_(d_.c.status == "retry", d_.c.next_attempt_at <= now,
+                                         d_.c.campaign_id.in_(sending)), max(1, self.settings.smtp_pool_size) * 4)
+        if retries:
+            await self._send_rows(retries)
+        async with self.db.transaction() as s:
+            open_ids = (await s.scalars(select(c_.c.id).where(c_.c.status == "sending"))).all()
+            for campaign_id in open_ids:
+                left = await s.scalar(select(func.count()).select_from(d_).where(
+                    d_.c.campaign_id == campaign_id, d_.c.status.in_(UNFINISHED)))
+                if not left:
+                    await s.execute(update(c_).where(c_.c.id == campaign_id, c_.c.status == "sending")
+                                    .values(status="done", finished_at=utcnow(), updated_at=utcnow()))

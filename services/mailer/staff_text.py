@@ -1,0 +1,73 @@
+"""Staff-written text is data, never code (SPEC §2.5).
+
+Markdown without raw HTML; placeholders (`{{ name }}`, links) through a sandboxed Jinja environment.
+`check_template` refuses, at save time, anything but plain placeholders of known names (optionally
+with a `default` filter): no attribute access, calls, loops or other code can reach Python internals.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from jinja2 import TemplateSyntaxError, nodes
+from jinja2.sandbox import SandboxedEnvironment
+from markdown_it import MarkdownIt
+from markupsafe import Markup
+
+PLACEHOLDERS = ("name", "email", "unsubscribe_url", "preferences_url", "organisation")
+FILTERS = ("default", "upper", "lower", "title")
+ALLOWED_NODES = (nodes.Template, nodes.Output, nodes.TemplateData, nodes.Name, nodes.Const, nodes.Filter)
+
+_markdown = MarkdownIt("commonmark", {"html": False, "linkify": False, "typographer": False})
+_text_env = SandboxedEnvironment(autoescape=False)
+_html_env = SandboxedEnvironment(autoescape=True)
+
+
+class UnsafeTemplate(ValueError):
+    pass
+
+
+def check_template(source: str) -> None:
+    """Raise UnsafeTemplate unless `source` only uses known placeholders."""
+    try:
+        tree = _text_env.parse(source)
+    except TemplateSyntaxError as exc:
+        raise UnsafeTemplate(f"placeholder syntax error in line {exc.lineno}: {exc.message}") from exc
+    for node in tree.find_all(nodes.Node):
+        if not isinstance(node, ALLOWED_NODES):
+            raise UnsafeTemplate(f"only placeholders like {{{{ name }}}} are allowed, not {type(node).__name__}")
+        if isinstance(node, nodes.Name) and node.name not in PLACEHOLDERS:
+            raise UnsafeTemplate(f"unknown placeholder {node.name!r}; known: {', '.join(PLACEHOLDERS)}")
+        if isinstance(node, nodes.Filter) and node.name not in FILTERS:
+            raise UnsafeTemplate(f"filter {node.name!r} is not allowed; allowed: {', '.join(FILTERS)}")
+
+
+def check_subject(subject: str) -> None:
+    if "\r" in subject or "\n" in subject:
+        raise UnsafeTemplate("a subject must be one line (no CR/LF)")
+    check_template(subject)
+
+
+def render_text(source: str, values: dict[str, Any]) -> str:
+    return _text_env.from_string(source).render(**values)
+
+
+_PLACEHOLDER = re.compile(r"\{\{.*?\}\}", re.S)
+
+
+def render_html(markdown_source: str, values: dict[str, Any]) -> Markup:
+    """Markdown → HTML (raw HTML in it is shown as text), then placeholders, HTML-escaped.
+
+    Placeholders are kept out of the Markdown pass (which would URL-encode one in a link target).
+    """
+    found: list[str] = []
+
+    def hide(match: re.Match[str]) -> str:
+        found.append(match.group(0))
+        return f"bpplaceholder{len(found) - 1}x"
+
+    html = _markdown.render(_PLACEHOLDER.sub(hide, markdown_source))
+    for index, original in enumerate(found):
+        html = html.replace(f"bpplaceholder{index}x", original)
+    return Markup(_html_env.from_string(html).render(**values))

@@ -1,0 +1,225 @@
+"""Campaigns end to end: segments, rendering safety, sending through mailer.jobs.v1, control."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+from hypothesis import given
+from hypothesis import strategies as st
+
+from services.mailer.segments import Member, matches
+from shared.messages import Segment
+from tests.conftest import EDITOR_KEY, PUBLISHER_KEY, Stack, html_part, manage_token, text_part
+
+REGIONS = ["halle", "stendal", "harz"]
+TOPICS = ["arbeitsmarkt", "bildung", "teilhabe"]
+GROUPS = ["wirtschaft", "medien"]
+LANGS = ["de", "ar", "en"]
+
+
+def members():
+    return st.builds(Member, audience=st.sampled_from(["public", "partner"]),
+                     groups=st.frozensets(st.sampled_from(GROUPS)), regions=st.frozensets(st.sampled_from(REGIONS)),
+                     topics=st.frozensets(st.sampled_from(TOPICS)), language=st.sampled_from(LANGS))
+
+
+def segments():
+    return st.builds(Segment, audiences=st.lists(st.sampled_from(["public", "partner"]), unique=True),
+                     groups=st.lists(st.sampled_from(GROUPS), unique=True),
+                     regions=st.lists(st.sampled_from(REGIONS), unique=True),
+                     topics=st.lists(st.sampled_from(TOPICS), unique=True),
+                     languages=st.lists(st.sampled_from(LANGS), unique=True))
+
+
+@given(segments(), members())
+def test_segment_is_and_across_dimensions_or_within(segment: Segment, m: Member) -> None:
+    def dim(wanted, has, empty_means_all):
+        return not wanted or (empty_means_all and not has) or bool(set(wanted) & has)
+
+    expected = all([not segment.audiences or m.audience in segment.audiences,
+                    dim(segment.groups, m.groups, False), dim(segment.regions, m.regions, True),
+                    dim(segment.topics, m.topics, True), not segment.languages or m.language in segment.languages])
+    assert matches(segment, m) == expected
+    assert matches(Segment(), m)  # the empty segment is everybody
+    # adding a value to a dimension never removes anyone who matched (OR within a dimension)
+    if segment.regions and matches(segment, m):
+        wider = segment.model_copy(update={"regions": [*segment.regions, "landesweit"]})
+        assert matches(wider, m)
+
+
+async def subscriber(stack: Stack, tag: str, **fields) -> str:
+    addr = stack.address(tag)
+    await stack.signup(addr, **fields)
+    await stack.confirm(addr)
+    await stack.smtp.wait_for(addr, 2)
+
+    async def projected():
+        r = await stack.mailer.post("/api/v1/segments/count", json={"segment": {}}, headers=stack.staff(EDITOR_KEY))
+        return r.status_code == 200
+    await stack.until(projected)
+    return addr
+
+
+CAMPAIGN = {
+    "subject": {"de": "Neuigkeiten für {{ name | default('Sie') }}", "ar": "أخبار {{ name }}"},
+    "body_markdown": {"de": "Hallo {{ name }},\n\n**Neu:** das Forum. [Abmelden]({{ unsubscribe_url }})\n\n<b>roh</b>",
+                      "ar": "مرحبا {{ name }}\n\n**جديد**"},
+}
+
+
+async def create(stack: Stack, segment: dict, **over) -> dict:
+    r = await stack.mailer.post("/api/v1/campaigns", json={**CAMPAIGN, "segment": segment, **over},
+                                headers=stack.staff(EDITOR_KEY))
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+async def finished(stack: Stack, campaign_id: str, timeout: float = 60) -> dict:
+    async def done():
+        r = await stack.mailer.get(f"/api/v1/campaigns/{campaign_id}", headers=stack.staff(EDITOR_KEY))
+        return r.json() if r.json()["status"] in ("done", "cancelled") else None
+    return await stack.until(done, timeout=timeout, what="the campaign to finish")
+
+
+async def test_campaign_reaches_its_segment_once_in_each_language(stack: Stack) -> None:
+    region = "dessau-rosslau"
+    ar = await subscriber(stack, "camp-ar", language="ar", regions=[region], name="<b>Amal</b>")
+    en = await subscriber(stack, "camp-en", language="en", regions=[region])  # no English text: German
+    other = await subscriber(stack, "camp-other", language="de", regions=["harz"])
+    segment = {"regions": [region], "languages": ["ar", "en"]}
+    count = await stack.mailer.post("/api/v1/segments/count", json={"segment": segment},
+                                    headers=stack.staff(EDITOR_KEY))
+    assert count.json()["count"] >= 2
+    campaign = await create(stack, segment)
+    preview = (await stack.mailer.get(f"/api/v1/campaigns/{campaign['id']}/preview?language=en",
+                                      headers=stack.staff(EDITOR_KEY))).json()
+    assert preview["falls_back"] and "en" in preview["fallback_languages"] and "ar" not in preview["fallback_languages"]
+    assert "&lt;b&gt;roh&lt;/b&gt;" in preview["html"] and "<b>roh</b>" not in preview["html"]
+    sent = await stack.mailer.post(f"/api/v1/campaigns/{campaign['id']}/send", headers=stack.staff(PUBLISHER_KEY))
+    assert sent.status_code == 200, sent.text
+    result = await finished(stack, campaign["id"])
+    assert result["counts"]["sent"] == result["counts"]["total"] == count.json()["count"]
+
+    mail_ar = (await stack.smtp.wait_for(ar, 3))[2]
+    assert mail_ar["Content-Language"] == "ar" and 'dir="rtl"' in html_part(mail_ar)
+    assert mail_ar["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    assert "<b>Amal</b>" not in html_part(mail_ar) and "&lt;b&gt;Amal&lt;/b&gt;" in html_part(mail_ar)
+    mail_en = (await stack.smtp.wait_for(en, 3))[2]
+    assert mail_en["Content-Language"] == "de" and mail_en["Subject"] == "Neuigkeiten für Test"
+    assert "/unsubscribe?token=" in text_part(mail_en) and stack.mail_settings.organisation_address in text_part(mail_en)
+    await asyncio.sleep(0.5)
+    assert len(stack.smtp.to(other)) == 2 and len(stack.smtp.to(ar)) == 3  # outside the segment; once each
+
+
+async def test_one_click_unsubscribe_from_a_campaign_skips_the_next_one(stack: Stack) -> None:
+    region = "wittenberg"
+    leaver = await subscriber(stack, "leaver", regions=[region])
+    stayer = await subscriber(stack, "stayer", regions=[region])
+    first = await create(stack, {"regions": [region]})
+    await stack.mailer.post(f"/api/v1/campaigns/{first['id']}/send", headers=stack.staff(PUBLISHER_KEY))
+    await finished(stack, first["id"])
+    mail = (await stack.smtp.wait_for(leaver, 3))[2]
+    r = await stack.subscriptions.post(f"/unsubscribe?token={manage_token(mail)}", content="List-Unsubscribe=One-Click",
+                                       headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200
+
+    async def unsubscribed_in_mailer():
+        c = await stack.mailer.post("/api/v1/segments/count", json={"segment": {"regions": [region]}},
+                                    headers=stack.staff(EDITOR_KEY))
+        return c.json()["count"] == 1
+    await stack.until(unsubscribed_in_mailer, what="the mailer to learn of the unsubscription")
+    second = await create(stack, {"regions": [region]})
+    await stack.mailer.post(f"/api/v1/campaigns/{second['id']}/send", headers=stack.staff(PUBLISHER_KEY))
+    result = await finished(stack, second["id"])
+    assert result["counts"]["sent"] == 1
+    await stack.smtp.wait_for(stayer, 4)
+    assert len(stack.smtp.to(leaver)) == 3
+
+
+async def test_unsafe_staff_text_is_refused_at_save_time(stack: Stack) -> None:
+    bad = [
+        {"body_markdown": {"de": "{{ name.__class__.__mro__ }}"}},
+        {"body_markdown": {"de": "{% for x in range(10) %}x{% endfor %}"}},
+        {"body_markdown": {"de": "{{ config }}"}},
+        {"subject": {"de": "Hallo\r\nBcc: evil@example.org"}},
+        {"subject": {"en": "only English"}},
+        {"segment": {"regions": ["atlantis"]}},
+    ]
+    for override in bad:
+        r = await stack.mailer.post("/api/v1/campaigns", json={**CAMPAIGN, **override}, headers=stack.staff(EDITOR_KEY))
+        assert r.status_code == 422, (override, r.text)
+    assert (await stack.mailer.post("/api/v1/campaigns", json=CAMPAIGN)).status_code == 401
+    campaign = await create(stack, {})
+    assert (await stack.mailer.post(f"/api/v1/campaigns/{campaign['id']}/send",
+                                    headers=stack.staff(EDITOR_KEY))).status_code == 403
+
+
+async def test_test_send_pause_resume_and_cancel(stack: Stack) -> None:
+    region = "jerichower-land"
+    people = [await subscriber(stack, f"pause-{i}", regions=[region]) for i in range(12)]
+    campaign = await create(stack, {"regions": [region]})
+    me = stack.address("staff-test")
+    t = await stack.mailer.post(f"/api/v1/campaigns/{campaign['id']}/test", json={"email": me, "language": "ar"},
+                                headers=stack.staff(EDITOR_KEY))
+    assert t.status_code == 202
+    (test_mail,) = await stack.smtp.wait_for(me)
+    assert test_mail["Content-Language"] == "ar"
+
+    stack.smtp.delay = 0.3
+    try:
+        await stack.mailer.post(f"/api/v1/campaigns/{campaign['id']}/send", headers=stack.staff(PUBLISHER_KEY))
+        await stack.until(lambda: _sent_at_least(stack, campaign["id"], 1), what="sending to start")
+        paused = await stack.mailer.post(f"/api/v1/campaigns/{campaign['id']}/pause",
+                                         headers=stack.staff(PUBLISHER_KEY))
+        assert paused.json()["status"] == "paused"
+        await asyncio.sleep(1.5)  # what was in flight finishes; nothing new starts
+        frozen = await _counts(stack, campaign["id"])
+        await asyncio.sleep(1.0)
+        assert await _counts(stack, campaign["id"]) == frozen
+        assert frozen["pending"] > 0 and frozen["sending"] == 0
+        resumed = await stack.mailer.post(f"/api/v1/campaigns/{campaign['id']}/resume",
+                                          headers=stack.staff(PUBLISHER_KEY))
+        assert resumed.json()["status"] == "sending"
+        result = await finished(stack, campaign["id"])
+    finally:
+        stack.smtp.delay = 0.0
+    assert result["counts"]["sent"] == len(people)
+    assert all(len(stack.smtp.to(p)) == 3 for p in people)  # confirmation, welcome, the campaign once
+
+    later = await create(stack, {"regions": [region]})
+    cancelled = await stack.mailer.post(f"/api/v1/campaigns/{later['id']}/cancel", headers=stack.staff(PUBLISHER_KEY))
+    assert cancelled.json()["status"] == "cancelled"
+    assert (await stack.mailer.post(f"/api/v1/campaigns/{later['id']}/send",
+                                    headers=stack.staff(PUBLISHER_KEY))).status_code == 409
+
+
+async def _counts(stack: Stack, campaign_id: str) -> dict:
+    r = await stack.mailer.get(f"/api/v1/campaigns/{campaign_id}", headers=stack.staff(EDITOR_KEY))
+    return r.json()["counts"]
+
+
+async def _sent_at_least(stack: Stack, campaign_id: str, n: int) -> bool:
+    return (await _counts(stack, campaign_id))["sent"] >= n
+
+
+async def test_two_mailer_instances_share_a_campaign_without_duplicates(stack: Stack) -> None:
+    from services.mailer.app import create_app as create_mailer
+
+    region = "burgenlandkreis"
+    people = [await subscriber(stack, f"share-{i}", regions=[region]) for i in range(20)]
+    second = create_mailer(stack.mail_settings)
+    async with second.router.lifespan_context(second):
+        await asyncio.wait_for(second.state.runtime.connected.wait(), 60)
+        await asyncio.sleep(6)  # the jobs group rebalances over both instances
+        stack.smtp.delay = 0.05
+        try:
+            campaign = await create(stack, {"regions": [region]})
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(second), base_url="http://m2") as other:
+                r = await other.post(f"/api/v1/campaigns/{campaign['id']}/send", headers=stack.staff(PUBLISHER_KEY))
+                assert r.status_code == 200
+            result = await finished(stack, campaign["id"])
+        finally:
+            stack.smtp.delay = 0.0
+    assert result["counts"]["sent"] == len(people)
+    assert all(len(stack.smtp.to(p)) == 3 for p in people)
