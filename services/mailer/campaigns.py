@@ -4,7 +4,9 @@ Sending starts by writing the ledger (one row per recipient, in batches) and one
 `mailer.jobs.v1` — through the outbox, in the same transaction. Every mailer instance consumes a
 share of the job partitions. A job claims its batch's pending rows (`sending`, committed) before
 handing them to SMTP and records each answer; a process that dies leaves its claimed rows `sending`,
-which the sweep counts as `ambiguous` — never resent. The job's offset is committed only after the
+which the sweep counts as `ambiguous` — never resent. Rows are claimed as `claimed` and become
+`sending` only just before their hand-over to SMTP, so a claimed row that never left is put back to
+`pending` (not counted as ambiguous): the ambiguous are at most the mails that were really in flight. The job's offset is committed only after the
 batch is done, so a killed instance's batch is picked up by another (or by itself after restart),
 which sends the rows that were still pending.
 """
@@ -38,7 +40,7 @@ log = logging.getLogger(__name__)
 c_ = store.campaigns
 d_ = store.campaign_deliveries
 a_ = store.audience
-UNFINISHED = ("pending", "sending", "retry")
+UNFINISHED = ("pending", "claimed", "sending", "retry")
 COUNT_NAMES = {"retry": "retrying"}
 
 
@@ -122,7 +124,8 @@ class Campaigns:
                 raise CampaignStateError(f"cannot {action} a campaign that is {campaign.status}")
             await s.execute(update(c_).where(c_.c.id == campaign_id).values(status=after, updated_at=utcnow()))
             if action == "cancel":
-                await s.execute(update(d_).where(d_.c.campaign_id == campaign_id, d_.c.status.in_(("pending", "retry")))
+                await s.execute(update(d_).where(d_.c.campaign_id == campaign_id,
+                                                 d_.c.status.in_(("pending", "claimed", "retry")))
                                 .values(status="cancelled"))
             if action == "resume":  # the paused jobs returned early: hand out the unfinished batches again
                 batches = (await s.scalars(select(d_.c.batch).where(d_.c.campaign_id == campaign_id,
@@ -138,7 +141,8 @@ class Campaigns:
         counts = {name: 0 for name in ("pending", "sending", "sent", "retrying", "failed", "ambiguous", "skipped",
                                        "cancelled")}
         for status, n in rows:
-            counts[COUNT_NAMES.get(status, status)] = n
+            name = "pending" if status == "claimed" else COUNT_NAMES.get(status, status)
+            counts[name] += n
         counts["total"] = sum(n for _, n in rows)
         return counts
 
@@ -173,11 +177,11 @@ class Campaigns:
             for campaign_id, subscriber_ids in chosen.items():
                 # `where` again: a row another instance claimed meanwhile is not taken twice.
                 await s.execute(update(d_).where(d_.c.campaign_id == campaign_id, d_.c.subscriber_id.in_(subscriber_ids),
-                                                 where).values(status="sending", claimed_by=claim, claimed_at=now))
+                                                 where).values(status="claimed", claimed_by=claim, claimed_at=now))
             return (await s.execute(
                 select(d_, a_.c.email, a_.c.name, a_.c.language, a_.c.manage_token, a_.c.status.label("audience"))
                 .outerjoin(a_, a_.c.subscriber_id == d_.c.subscriber_id)
-                .where(d_.c.claimed_by == claim, d_.c.status == "sending"))).all()
+                .where(d_.c.claimed_by == claim, d_.c.status == "claimed"))).all()
 
     async def _send_rows(self, rows: list) -> None:
         campaigns: dict[str, Any] = {}
@@ -188,7 +192,7 @@ class Campaigns:
 
     def _mine(self, row):
         return and_(d_.c.campaign_id == row.campaign_id, d_.c.subscriber_id == row.subscriber_id,
-                    d_.c.claimed_by == row.claimed_by, d_.c.status.in_(("sending", "ambiguous")))
+                    d_.c.claimed_by == row.claimed_by, d_.c.status.in_(("claimed", "sending", "ambiguous")))
 
     async def _send_one(self, campaign, row) -> None:
         if row.audience != "active" or not row.email or not row.manage_token:
@@ -199,9 +203,18 @@ class Campaigns:
         await self.limiter.wait()
         await self._domain_limits[row.email.rpartition("@")[2]].wait()
         rendered = self.render_for(campaign, row.email, row.name, row.language, row.manage_token)
+
+        async def hand_over() -> bool:
+            # With an SMTP connection in hand: from here on, a crash leaves the mail ambiguous.
+            async with self.db.transaction() as s:
+                handed = await s.execute(update(d_).where(self._mine(row), d_.c.status == "claimed")
+                                         .values(status="sending", claimed_at=utcnow()))
+            return bool(handed.rowcount)  # False: cancelled or reclaimed meanwhile
+
         self.in_flight += 1
         try:
-            await self.pool.send(rendered.message, self.envelope_from, row.email)
+            if await self.pool.send(rendered.message, self.envelope_from, row.email, on_handover=hand_over) is None:
+                return
         except aiosmtplib.SMTPRecipientsRefused as exc:
             await self._failed(row, min((r.code for r in exc.recipients), default=None), str(exc))
         except aiosmtplib.SMTPResponseException as exc:
@@ -246,6 +259,15 @@ class Campaigns:
             await self.start(campaign_id, from_statuses=("scheduled",))
         cutoff = now - timedelta(seconds=self.settings.ambiguous_after_seconds)
         async with self.db.transaction() as s:
+            # Claimed by a process that died before handing them over: never sent. Back to pending,
+            # and their batches handed out again (the batch's first job may be done already).
+            abandoned = (await s.execute(select(d_.c.campaign_id, d_.c.batch).where(
+                d_.c.status == "claimed", d_.c.claimed_at < cutoff).distinct())).all()
+            if abandoned:
+                await s.execute(update(d_).where(d_.c.status == "claimed", d_.c.claimed_at < cutoff)
+                                .values(status="pending", claimed_by=None))
+                for campaign_id, batch in abandoned:
+                    await self._job(s, campaign_id, batch, None)
             stuck = await s.execute(update(d_).where(d_.c.status == "sending", d_.c.claimed_at < cutoff)
                                     .values(status="ambiguous"))
         if stuck.rowcount:

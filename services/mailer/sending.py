@@ -1,6 +1,7 @@
 """The sending loop: claims due mails from the ledger, sends them through the SMTP pool, records the
-answer (SPEC §2.2). 4xx and connection errors are retried with backoff; 5xx is a bounce. A mail is
-marked `sending` (committed) before it is handed to SMTP, so a crash leaves it `ambiguous`, never resent.
+answer (SPEC §2.2). 4xx and connection errors are retried with backoff; 5xx is a bounce. A claimed mail
+is marked `sending` (committed) just before it is handed to SMTP, so a crash leaves it `ambiguous`,
+never resent, while claimed mails that never left are put back to `pending`.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ m_ = store.outgoing_mail
 
 def mine(row):
     """The ledger row as this sender claimed it."""
-    return and_(m_.c.id == row.id, m_.c.claimed_by == row.claimed_by, m_.c.status.in_(("sending", "ambiguous")))
+    return and_(m_.c.id == row.id, m_.c.claimed_by == row.claimed_by,
+                m_.c.status.in_(("claimed", "sending", "ambiguous")))
 
 
 class RateLimiter:
@@ -98,8 +100,8 @@ class Sender:
             # `due` repeated on the outer UPDATE: under concurrency PostgreSQL re-checks it per row,
             # so two instances never claim the same mail.
             await s.execute(update(m_).where(m_.c.id.in_(ids.scalar_subquery()), due)
-                            .values(status="sending", claimed_by=claim, claimed_at=now))
-            rows = (await s.execute(select(m_).where(m_.c.claimed_by == claim, m_.c.status == "sending"))).all()
+                            .values(status="claimed", claimed_by=claim, claimed_at=now))
+            rows = (await s.execute(select(m_).where(m_.c.claimed_by == claim, m_.c.status == "claimed"))).all()
         return rows
 
     def batch_size(self) -> int:
@@ -118,8 +120,17 @@ class Sender:
 
     async def _send_one(self, row) -> None:
         await self.limiter.wait()
+
+        async def hand_over() -> bool:
+            # With an SMTP connection in hand: from here on, a crash leaves the mail ambiguous.
+            async with self.db.transaction() as s:
+                handed = await s.execute(update(m_).where(mine(row), m_.c.status == "claimed")
+                                         .values(status="sending", claimed_at=utcnow()))
+            return bool(handed.rowcount)
+
         try:
-            await self.pool.send(row.message, self.envelope_from, row.recipient)
+            if await self.pool.send(row.message, self.envelope_from, row.recipient, on_handover=hand_over) is None:
+                return
         except aiosmtplib.SMTPRecipientsRefused as exc:
             code = min((r.code for r in exc.recipients), default=None)
             await self._failed(row, code, str(exc))
@@ -170,6 +181,9 @@ class Sender:
         """Mails stuck in `sending` (their process died mid-send) become `ambiguous`: counted, not resent."""
         cutoff = utcnow() - timedelta(seconds=self.settings.ambiguous_after_seconds)
         async with self.db.transaction() as s:
+            # Claimed by a process that died before handing them over: never sent, send them.
+            await s.execute(update(m_).where(m_.c.status == "claimed", m_.c.claimed_at < cutoff)
+                            .values(status="pending", claimed_by=None))
             result = await s.execute(update(m_).where(m_.c.status == "sending", or_(
                 m_.c.claimed_at < cutoff, m_.c.claimed_at.is_(None))).values(status="ambiguous"))
         if result.rowcount:

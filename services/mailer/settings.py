@@ -30,6 +30,13 @@ class MailerSettings(ServiceSettings):
                                 description="SMTP connections kept open and reused")
     mail_from: str = Field("bridgepost <newsletter@bridgepost.example>", validation_alias=env("MAIL_FROM"))
     reply_to: str = Field("kontakt@bridgepost.example", validation_alias=env("MAIL_REPLY_TO"))
+    dkim_private_key_file: str | None = Field(
+        None, validation_alias=env("DKIM_PRIVATE_KEY_FILE"),
+        description="RSA private key (PEM) for DKIM signatures; unset = mails are not signed")
+    dkim_selector: str = Field("bridgepost", validation_alias=env("DKIM_SELECTOR"),
+                               description="DKIM selector: the public key is at <selector>._domainkey.<domain>")
+    dkim_domain: str | None = Field(None, validation_alias=env("DKIM_DOMAIN"),
+                                    description="Signing domain (d=); default: the domain of MAIL_FROM")
     send_rate_per_second: float = Field(50.0, description="Global send rate of this instance; 0 = unlimited")
     send_rate_per_domain: float = Field(
         0.0, description="Sends per second to one recipient domain (e.g. gmail.com) per instance; 0 = unlimited")
@@ -41,7 +48,8 @@ class MailerSettings(ServiceSettings):
     ambiguous_after_seconds: float = Field(
         120.0, description="A mail handed to SMTP but not recorded for this long is counted as ambiguous")
 
-    @field_validator("smtp_username", "smtp_password", "smtp_ca_file", mode="before")
+    @field_validator("smtp_username", "smtp_password", "smtp_ca_file", "dkim_private_key_file", "dkim_domain",
+                     mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         # SMTP_USERNAME= (empty) means "no login", not a login with an empty name.
