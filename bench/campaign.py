@@ -376,6 +376,13 @@ def read_status(pid: int) -> dict[str, int]:
     return values
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def reset_peak_rss(pid: int) -> bool:
     """Reset VmHWM to the current RSS (Linux ≥ 4.0, own processes): the campaign's own peak is measured."""
     try:
@@ -652,6 +659,7 @@ async def bench(args: argparse.Namespace, sink_bin: str, source_bin: str, spy_bi
             load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
 
             log(f"sending the campaign to {n} subscribers over {args.connections} SMTP connections")
+            cpu_before = cpu_seconds(pid)
             t0_ns = time.time_ns()
             t0 = time.perf_counter()
             r = await client.post(f"/api/v1/campaigns/{campaign_id}/send", timeout=600)
@@ -671,6 +679,7 @@ async def bench(args: argparse.Namespace, sink_bin: str, source_bin: str, spy_bi
             await wait_for("campaign mails recorded", finished, n, mail, args.stall)
             counts = state["counts"]
             done_after = time.perf_counter() - t0
+            mailer_cpu = cpu_seconds(pid) - cpu_before
             if spy is not None:
                 with contextlib.suppress(ProcessLookupError):
                     spy.send_signal(signal.SIGINT)
@@ -722,7 +731,7 @@ async def bench(args: argparse.Namespace, sink_bin: str, source_bin: str, spy_bi
             "database": args.database, "subscribers": n, "connections": args.connections,
             "published_in": published_in, "projection_in": projection_in, "welcome_in": welcome_in,
             "send_answered": send_answered, "first_after": first_after, "elapsed": elapsed, "rate": rate,
-            "done_after": done_after, "counts": counts, "check": check,
+            "done_after": done_after, "mailer_cpu": mailer_cpu, "counts": counts, "check": check,
             "source_rate": source_rate, "source_elapsed": source_elapsed, "ratio": rate / source_rate,
             "rss_before_kb": before["VmRSS"], "hwm_seeding_kb": before["VmHWM"], "hwm_kb": after["VmHWM"],
             "rss_after_kb": after["VmRSS"], "peak_reset": peak_reset, "profile": profile,
@@ -812,6 +821,8 @@ def render_text(r: dict) -> str:
         f"{verdict(hwm <= TARGET_RSS_MB)})" + ("" if r["peak_reset"] else " [could not reset: whole-run peak]"),
         f"  RSS before the send {r['rss_before_kb'] / mb:.1f} MB, after {r['rss_after_kb'] / mb:.1f} MB; "
         f"peak while seeding {r['hwm_seeding_kb'] / mb:.1f} MB",
+        f"mailer CPU time during the campaign: {r['mailer_cpu']:.1f} s in {r['done_after']:.1f} s "
+        f"({r['mailer_cpu'] / r['done_after']:.0%} of one core)",
         f"exactly once: {'yes' if ok else 'NO'} — {once}",
         f"  by language: {', '.join(f'{k} {v}' for k, v in sorted(r['check']['by_language'].items()))}; "
         f"mean message size {r['check']['mean_size']:.0f} bytes; personalisation checked for "
@@ -860,6 +871,8 @@ def render_markdown(r: dict) -> str:
         f"| mailer RSS before the send / after / peak while seeding | {r['rss_before_kb'] / mb:.1f} / "
         f"{r['rss_after_kb'] / mb:.1f} / {r['hwm_seeding_kb'] / mb:.1f} MB | |",
         f"| send request answered (ledger + jobs written) | {r['send_answered']:.2f} s | |",
+        f"| mailer CPU time during the campaign | {r['mailer_cpu']:.1f} s in {r['done_after']:.1f} s "
+        f"({r['mailer_cpu'] / r['done_after']:.0%} of one core) | |",
         f"| first mail accepted after the send request | {r['first_after']:.2f} s | |",
         f"| exactly once | {'yes' if ok else '**NO**'} | every recipient once |",
         f"| seeding: events published / projection complete / welcome mails out | {r['published_in']:.1f} / "

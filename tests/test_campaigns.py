@@ -223,3 +223,51 @@ async def test_two_mailer_instances_share_a_campaign_without_duplicates(stack: S
             stack.smtp.delay = 0.0
     assert result["counts"]["sent"] == len(people)
     assert all(len(stack.smtp.to(p)) == 3 for p in people)
+
+
+async def test_publishing_an_event_with_announce_sends_an_announcement_once(stack: Stack) -> None:
+    from icalendar import Calendar
+
+    region = "mansfeld-suedharz"
+    ar = await subscriber(stack, "announce-ar", language="ar", regions=[region])
+    outsider = await subscriber(stack, "announce-out", regions=["magdeburg"])
+    event = (await stack.events.post("/api/v1/events", headers=stack.staff(EDITOR_KEY), json={
+        "kind": "workshop", "title": {"de": "Workshop {{ name }} Willkommen", "ar": "ورشة عمل"},
+        "starts_at": "2030-05-04T10:00", "ends_at": "2030-05-04T12:00", "region": region,
+        "location": {"name": "Rathaus", "address": "Sangerhausen"}, "announce": True,
+        "segment": {"regions": [region]}})).json()
+    await stack.events.post(f"/api/v1/events/{event['event_id']}/publish", headers=stack.staff(PUBLISHER_KEY))
+    mail = (await stack.smtp.wait_for(ar, 3, timeout=60))[2]
+    assert mail["Subject"] == "دعوة: ورشة عمل" and mail["Content-Language"] == "ar"
+    assert 'dir="rtl"' in html_part(mail) and f"/events/{event['event_id']}?lang=ar" in text_part(mail)
+    (part,) = [p for p in mail.walk() if p.get_content_type() == "text/calendar"]
+    cal = Calendar.from_ical(part.get_payload(decode=True))
+    assert str(cal["METHOD"]) == "PUBLISH" and str(cal.walk("VEVENT")[0]["UID"]).startswith(event["event_id"])
+    campaigns = (await stack.mailer.get("/api/v1/campaigns", headers=stack.staff(EDITOR_KEY))).json()
+    (announcement,) = [c for c in campaigns if c["kind"] == "announcement" and "ورشة عمل" in c["subject"]["ar"]]
+    result = await finished(stack, announcement["id"])
+    assert result["counts"]["sent"] >= 1
+    # staff text that looks like a placeholder is shown as written, not evaluated
+    assert "{{ name }}" in announcement["body_markdown"]["de"]
+    await asyncio.sleep(0.5)
+    assert len(stack.smtp.to(outsider)) == 2
+
+
+async def test_campaign_retries_4xx_and_bounces_5xx_into_suppression(stack: Stack) -> None:
+    region = "altmarkkreis-salzwedel"
+    flaky = await subscriber(stack, "flaky", regions=[region])
+    gone = await subscriber(stack, "gone", regions=[region])
+    stack.smtp.script[flaky] = ["451 4.7.1 try again later"]
+    stack.smtp.permanent[gone] = "550 5.1.1 no such mailbox"
+    try:
+        campaign = await create(stack, {"regions": [region]})
+        await stack.mailer.post(f"/api/v1/campaigns/{campaign['id']}/send", headers=stack.staff(PUBLISHER_KEY))
+        result = await finished(stack, campaign["id"])
+    finally:
+        stack.smtp.permanent.pop(gone, None)
+    assert result["counts"]["sent"] == 1 and result["counts"]["failed"] == 1
+    assert len(stack.smtp.to(flaky)) == 3 and stack.smtp.attempts[flaky] >= 4  # 3 mails, one refused once
+
+    async def suppressed():
+        return (await stack.subscriber(gone))["status"] == "suppressed"
+    await stack.until(suppressed, what="the bounce to suppress the address")

@@ -20,6 +20,7 @@ from collections import defaultdict
 from datetime import datetime, timedelta
 from email.utils import parseaddr
 from typing import Any
+from urllib.parse import urlparse
 
 import aiosmtplib
 from sqlalchemy import and_, func, insert, select, update
@@ -32,7 +33,7 @@ from services.mailer.sending import RateLimiter
 from services.mailer.settings import MailerSettings
 from services.mailer.smtp import SmtpPool
 from services.mailer.staff_text import render_html, render_text
-from shared import messages, topics
+from shared import ics, messages, topics
 from shared.db import Database, utcnow
 from shared.outbox import add_to_outbox
 
@@ -56,6 +57,7 @@ class Campaigns:
         self._domain_limits: dict[str, RateLimiter] = defaultdict(lambda: RateLimiter(settings.send_rate_per_domain))
         self.instance = uuid.uuid4().hex[:12]
         self.in_flight = 0
+        self._ics_cache: dict[tuple[str, str], bytes] = {}
 
     # --- content -----------------------------------------------------------------------------------
 
@@ -65,7 +67,8 @@ class Campaigns:
             return campaign.subject[language], campaign.body_markdown[language], False
         return campaign.subject["de"], campaign.body_markdown["de"], language != "de"
 
-    def render_for(self, campaign, email: str, name: str | None, language: str, manage_token: str) -> Rendered:
+    def render_for(self, campaign, email: str, name: str | None, language: str, manage_token: str,
+                   attachments: list[tuple[str, str, bytes]] = ()) -> Rendered:
         language = language if language in self.renderer.tr.taxonomy.languages else "de"
         subject_src, body_src, fell_back = self.content(campaign, language)
         mail_language = "de" if fell_back else language
@@ -74,7 +77,23 @@ class Campaigns:
         return self.renderer.render(
             "campaign", Recipient(email, name, mail_language), "", {
                 "body_html": render_html(body_src, values), "body_text": render_text(body_src, values)},
-            manage_token=manage_token, subject=render_text(subject_src, values))
+            manage_token=manage_token, subject=render_text(subject_src, values), attachments=attachments)
+
+    async def _attachments(self, campaign, language: str) -> list[tuple[str, str, bytes]]:
+        """An announcement carries its event as .ics (METHOD:PUBLISH: add it to the calendar)."""
+        if campaign.kind != "announcement" or not campaign.event_id:
+            return []
+        key = (campaign.event_id, language)
+        if key not in self._ics_cache:
+            async with self.db.sessions() as s:
+                snap = await s.scalar(select(store.event_projection.c.snapshot)
+                                      .where(store.event_projection.c.event_id == campaign.event_id))
+            if snap is None:
+                return []
+            event = messages.EventSnapshot.model_validate(snap)
+            host = urlparse(event.url).hostname or "bridgepost.local"
+            self._ics_cache[key] = ics.feed([event], language, host, self.renderer.organisation)
+        return [("event.ics", "text/calendar; method=PUBLISH", self._ics_cache[key])]
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -202,7 +221,8 @@ class Campaigns:
             return
         await self.limiter.wait()
         await self._domain_limits[row.email.rpartition("@")[2]].wait()
-        rendered = self.render_for(campaign, row.email, row.name, row.language, row.manage_token)
+        rendered = self.render_for(campaign, row.email, row.name, row.language, row.manage_token,
+                                   await self._attachments(campaign, row.language))
 
         async def hand_over() -> bool:
             # With an SMTP connection in hand: from here on, a crash leaves the mail ambiguous.

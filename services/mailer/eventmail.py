@@ -12,6 +12,8 @@ import logging
 from typing import Any
 from urllib.parse import urlencode, urlparse
 
+import uuid
+
 from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -27,6 +29,11 @@ log = logging.getLogger(__name__)
 ev_ = store.event_projection
 rg_ = store.registration_projection
 ACTIVE = ("confirmed", "waitlisted")
+
+
+def literal(text: str) -> str:
+    """Staff text inside a generated campaign body: shown as written, never read as placeholders."""
+    return "{% raw %}" + text.replace("{% endraw %}", "") + "{% endraw %}" if "{" in text else text
 
 
 class EventMail:
@@ -99,7 +106,7 @@ class EventMail:
             await self._store_event(s, event.event)
             if isinstance(event, messages.EventPublished):
                 if event.announce:
-                    log.info("event %s published with an announcement: campaigns send it", event.event.event_id)
+                    await self._announce(s, event)
                 return
             if isinstance(event, messages.EventUpdated) and not event.notify:
                 return
@@ -115,6 +122,35 @@ class EventMail:
                     await self._enqueue(s, f"{event.event_id}:{r.registration_id}", "event_changed", snapshot,
                                         r.email, r.name, r.language, r.cancel_token,
                                         "tentative" if r.status == "waitlisted" else "request", correlation_id)
+
+    async def _announce(self, s: AsyncSession, event: messages.EventPublished) -> None:
+        """An announcement campaign for the event's segment, in every language. Scheduled for now in
+        this transaction (the campaign sweep starts it), so it exists exactly once per event."""
+        snapshot = event.event
+        if await s.scalar(select(store.campaigns.c.id).where(store.campaigns.c.event_id == snapshot.event_id)):
+            return
+        subjects, bodies = {}, {}
+        for lang in self.renderer.tr.taxonomy.languages:
+            subjects[lang] = literal(self.renderer.tr.gettext(
+                lang, "mail.announcement.subject", title=snapshot.title.get(lang) or snapshot.title["de"]))
+            bodies[lang] = self.announcement_body(snapshot, lang)
+        now = utcnow()
+        await s.execute(insert(store.campaigns).values(
+            id=str(uuid.uuid4()), kind="announcement", subject=subjects, body_markdown=bodies,
+            segment=event.segment.model_dump(), status="scheduled", scheduled_at=now, event_id=snapshot.event_id,
+            created_by="event publication", created_at=now, updated_at=now))
+
+    def announcement_body(self, snapshot: messages.EventSnapshot, lang: str) -> str:
+        tr = self.renderer.tr
+        title = snapshot.title.get(lang) or snapshot.title["de"]
+        description = snapshot.description.get(lang) or snapshot.description.get("de") or ""
+        place = ", ".join(p for p in (snapshot.location.name, snapshot.location.address) if p) \
+            if snapshot.location else snapshot.online_url or ""
+        lines = [f"## {literal(title)}", "",
+                 f"**{tr.gettext(lang, 'mail.event.when')}:** {when(snapshot.starts_at, snapshot.ends_at, lang)}  ",
+                 f"**{tr.gettext(lang, 'mail.event.where')}:** {literal(place)}", "", literal(description), "",
+                 f"[{tr.gettext(lang, 'mail.announcement.details')}]({snapshot.url}?lang={lang})"]
+        return "\n".join(lines)
 
     async def handle_registration(self, event: Any, correlation_id: str | None) -> None:
         async with self.db.transaction() as s:
