@@ -226,7 +226,8 @@ async def stack(request, kafka: Broker, smtp: SmtpSink, tmp_path_factory) -> Asy
                                              signups_per_ip=5, cors_origins=["https://www.example-verein.de"])
         mail_settings = MailerSettings(**common, database_url=urls["mailer"], smtp_host="127.0.0.1",
                                        smtp_port=smtp.port, retry_base_seconds=0.2, retry_max_seconds=1.0,
-                                       send_rate_per_second=0, ambiguous_after_seconds=8, campaign_batch_size=5)
+                                       send_rate_per_second=0, ambiguous_after_seconds=8, campaign_batch_size=5,
+                                       digest_enabled=False)
         events_settings = EventsSettings(**common, database_url=urls["events"], public_url="http://events.test",
                                          scheduler_interval_seconds=0.3, trust_forwarded_for=True)
         await migrate(events_settings.database_url, EVENTS_MIGRATIONS)

@@ -271,3 +271,48 @@ async def test_campaign_retries_4xx_and_bounces_5xx_into_suppression(stack: Stac
     async def suppressed():
         return (await stack.subscriber(gone))["status"] == "suppressed"
     await stack.until(suppressed, what="the bounce to suppress the address")
+
+
+async def test_digest_lists_upcoming_events_per_person_and_skips_the_empty(stack: Stack) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    def soon(days: int, hours: int = 0) -> str:
+        return (datetime.now(UTC) + timedelta(days=days, hours=hours)).replace(microsecond=0).isoformat()
+
+    titles = {}
+    for region, topic in (("stendal", "arbeitsmarkt"), ("magdeburg", "bildung")):
+        created = (await stack.events.post("/api/v1/events", headers=stack.staff(EDITOR_KEY), json={
+            "kind": "forum", "title": {"de": f"Digest {region}"}, "starts_at": soon(10), "ends_at": soon(10, 2),
+            "region": region, "topics": [topic], "online_url": "https://meet.example.org/x"})).json()
+        await stack.events.post(f"/api/v1/events/{created['event_id']}/publish", headers=stack.staff(PUBLISHER_KEY))
+        titles[region] = f"Digest {region}"
+    stendal = await subscriber(stack, "digest-stendal", regions=["stendal"])
+    picky = await subscriber(stack, "digest-picky", regions=["magdeburg"], topics=["veranstaltungen", "arbeitsmarkt"])
+    no_events = await subscriber(stack, "digest-funding", topics=["foerderung"])
+    everything = await subscriber(stack, "digest-all")
+
+    async def projected():
+        async with stack.mail_app.state.db.sessions() as s:
+            return len(await stack.mail_app.state.campaigns.upcoming_events(s)) >= 2
+    await stack.until(projected, what="the events in the mailer's projection")
+    r = await stack.mailer.post("/api/v1/digests", headers=stack.staff(PUBLISHER_KEY))
+    assert r.status_code == 201, r.text
+    await finished(stack, r.json()["id"])
+    mail = (await stack.smtp.wait_for(stendal, 3))[2]
+    assert mail["Subject"] == "Veranstaltungen in Ihrer Nähe"
+    assert titles["stendal"] in text_part(mail) and titles["magdeburg"] not in text_part(mail)
+    both = text_part((await stack.smtp.wait_for(everything, 3))[2])
+    assert titles["stendal"] in both and titles["magdeburg"] in both
+    await asyncio.sleep(0.5)
+    assert len(stack.smtp.to(picky)) == 2 and len(stack.smtp.to(no_events)) == 2  # nobody gets an empty digest
+    campaigns = stack.mail_app.state.campaigns
+    first = await campaigns.start_digest("2000-01")
+    assert first is not None and await campaigns.start_digest("2000-01") is None  # once per period
+
+
+def test_digest_is_due_on_the_first_chosen_weekday_of_the_month() -> None:
+    from services.mailer.digest import due_time
+
+    assert due_time(2026, 12, 0, 9).isoformat() == "2026-12-07T09:00:00+01:00"  # first Monday, Berlin winter time
+    assert due_time(2026, 6, 0, 9).isoformat() == "2026-06-01T09:00:00+02:00"
+    assert due_time(2027, 2, 4, 18).day == 5  # first Friday

@@ -260,3 +260,12 @@ async def control_campaign(campaign_id: str, action: Literal["pause", "resume", 
     async with request.app.state.db.transaction() as s:
         await audit(s, store.infra, staff, f"campaign.{action}", campaign_id)
     return await _out(request, await _campaign(request, campaign_id))
+
+
+@router.post("/digests", response_model=CampaignOut, status_code=201, tags=["campaigns"])
+async def send_digest_now(request: Request, staff: Publisher) -> CampaignOut:
+    """Send a digest of upcoming events now (besides the monthly one)."""
+    campaign_id = await _campaigns(request).start_digest(f"manual-{utcnow():%Y%m%dT%H%M%S.%f}")
+    async with request.app.state.db.transaction() as s:
+        await audit(s, store.infra, staff, "digest.send", campaign_id)
+    return await _out(request, await _campaign(request, campaign_id))

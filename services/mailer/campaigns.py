@@ -24,9 +24,10 @@ from urllib.parse import urlparse
 
 import aiosmtplib
 from sqlalchemy import and_, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.mailer import store
+from services.mailer import digest, store
 from services.mailer.render import MailRenderer, Recipient, Rendered
 from services.mailer.segments import matches, member
 from services.mailer.sending import RateLimiter
@@ -68,9 +69,12 @@ class Campaigns:
         return campaign.subject["de"], campaign.body_markdown["de"], language != "de"
 
     def render_for(self, campaign, email: str, name: str | None, language: str, manage_token: str,
-                   attachments: list[tuple[str, str, bytes]] = ()) -> Rendered:
+                   attachments: list[tuple[str, str, bytes]] = (), body: str | None = None) -> Rendered:
+        """One recipient's mail. `body` replaces the campaign's (a digest is written per recipient)."""
         language = language if language in self.renderer.tr.taxonomy.languages else "de"
         subject_src, body_src, fell_back = self.content(campaign, language)
+        if body is not None:
+            subject_src, body_src, fell_back = campaign.subject.get(language) or campaign.subject["de"], body, False
         mail_language = "de" if fell_back else language
         links = self.renderer.manage_links(manage_token, mail_language)
         values = {"name": name or "", "email": email, "organisation": self.renderer.organisation, **links}
@@ -110,7 +114,10 @@ class Campaigns:
             if not started.rowcount:
                 return 0
             campaign = (await s.execute(select(c_).where(c_.c.id == campaign_id))).first()
-            ids = await self.recipients(s, messages.Segment(**campaign.segment))
+            if campaign.kind == "digest":
+                ids = await self.digest_recipients(s)
+            else:
+                ids = await self.recipients(s, messages.Segment(**campaign.segment))
             size = self.settings.campaign_batch_size
             now = utcnow()
             for offset in range(0, len(ids), 1000):
@@ -123,6 +130,46 @@ class Campaigns:
             if not ids:
                 await s.execute(update(c_).where(c_.c.id == campaign_id).values(status="done", finished_at=now))
             return len(ids)
+
+    # --- the digest --------------------------------------------------------------------------------
+
+    async def upcoming_events(self, s: AsyncSession) -> list[messages.EventSnapshot]:
+        now = utcnow()
+        horizon = now + timedelta(days=self.settings.digest_days_ahead)
+        snaps = (await s.scalars(select(store.event_projection.c.snapshot)
+                                 .where(store.event_projection.c.status == "published"))).all()
+        events = [messages.EventSnapshot.model_validate(x) for x in snaps]
+        return sorted((e for e in events if now < e.starts_at <= horizon), key=lambda e: e.starts_at)
+
+    async def digest_recipients(self, s: AsyncSession) -> list[str]:
+        events = await self.upcoming_events(s)
+        rows = (await s.execute(select(a_).where(a_.c.status == "active"))).all()
+        return [r.subscriber_id for r in rows if digest.wants_events(r.topics)
+                and any(digest.relevant(e, r.regions, r.topics) for e in events)]
+
+    async def start_digest(self, period: str) -> str | None:
+        """Create and start the digest of `period`; None if that period's digest exists already."""
+        campaign_id = digest.period_id(period)
+        tr = self.renderer.tr
+        now = utcnow()
+        try:
+            async with self.db.transaction() as s:
+                await s.execute(insert(c_).values(
+                    id=campaign_id, kind="digest", status="draft", segment={}, created_by=f"digest {period}",
+                    subject={lang: tr.gettext(lang, "mail.digest.subject") for lang in tr.taxonomy.languages},
+                    body_markdown={"de": "(written for each recipient)"}, created_at=now, updated_at=now))
+        except IntegrityError:
+            return None
+        await self.start(campaign_id)
+        return campaign_id
+
+    async def maybe_digest(self, now: datetime) -> None:
+        if not self.settings.digest_enabled:
+            return
+        local = now.astimezone(digest.BERLIN)
+        due = digest.due_time(local.year, local.month, self.settings.digest_weekday, self.settings.digest_hour)
+        if due <= local < due + timedelta(days=1):  # a missed day is skipped, not sent late
+            await self.start_digest(f"{local:%Y-%m}")
 
     async def _job(self, s: AsyncSession, campaign_id: str, batch: int, correlation_id: str | None) -> None:
         await add_to_outbox(s, store.infra, topics.JOBS, f"{campaign_id}:{batch}",
@@ -198,7 +245,8 @@ class Campaigns:
                 await s.execute(update(d_).where(d_.c.campaign_id == campaign_id, d_.c.subscriber_id.in_(subscriber_ids),
                                                  where).values(status="claimed", claimed_by=claim, claimed_at=now))
             return (await s.execute(
-                select(d_, a_.c.email, a_.c.name, a_.c.language, a_.c.manage_token, a_.c.status.label("audience"))
+                select(d_, a_.c.email, a_.c.name, a_.c.language, a_.c.manage_token, a_.c.regions, a_.c.topics,
+                       a_.c.status.label("audience"))
                 .outerjoin(a_, a_.c.subscriber_id == d_.c.subscriber_id)
                 .where(d_.c.claimed_by == claim, d_.c.status == "claimed"))).all()
 
@@ -221,8 +269,18 @@ class Campaigns:
             return
         await self.limiter.wait()
         await self._domain_limits[row.email.rpartition("@")[2]].wait()
+        body = None
+        if campaign.kind == "digest":
+            async with self.db.sessions() as s:
+                events = [e for e in await self.upcoming_events(s) if digest.relevant(e, row.regions, row.topics)]
+            if not events:  # nothing for them any more: no empty digest
+                async with self.db.transaction() as s:
+                    await s.execute(update(d_).where(self._mine(row)).values(status="skipped"))
+                return
+            body = digest.body(events, row.language if row.language in self.renderer.tr.taxonomy.languages
+                               else "de", self.renderer.tr)
         rendered = self.render_for(campaign, row.email, row.name, row.language, row.manage_token,
-                                   await self._attachments(campaign, row.language))
+                                   await self._attachments(campaign, row.language), body=body)
 
         async def hand_over() -> bool:
             # With an SMTP connection in hand: from here on, a crash leaves the mail ambiguous.
@@ -273,6 +331,7 @@ class Campaigns:
     async def sweep(self, now: datetime | None = None) -> None:
         """Periodic: start due scheduled campaigns, retry due rows, count the ambiguous, finish."""
         now = now or utcnow()
+        await self.maybe_digest(now)
         async with self.db.sessions() as s:
             due = (await s.scalars(select(c_.c.id).where(c_.c.status == "scheduled", c_.c.scheduled_at <= now))).all()
         for campaign_id in due:

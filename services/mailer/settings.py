@@ -42,6 +42,11 @@ class MailerSettings(ServiceSettings):
         0.0, description="Sends per second to one recipient domain (e.g. gmail.com) per instance; 0 = unlimited")
     campaign_batch_size: int = Field(200, ge=1, le=10000,
                                      description="Recipients per job on mailer.jobs.v1 (the unit instances share)")
+    digest_enabled: bool = Field(True, description="Send the periodic digest of upcoming events")
+    digest_weekday: int = Field(0, ge=0, le=6, description="Weekday of the digest (0 = Monday)")
+    digest_hour: int = Field(9, ge=0, le=23, description="Hour (Europe/Berlin) of the digest, on the first such "
+                                                          "weekday of each month")
+    digest_days_ahead: int = Field(35, ge=1, le=365, description="How far ahead the digest looks for events")
     retry_base_seconds: float = Field(30.0, description="First retry after a temporary failure; doubles each time")
     retry_max_seconds: float = Field(3600.0)
     max_attempts: int = Field(8, description="Attempts before a temporarily failing mail counts as failed")
