@@ -25,6 +25,7 @@ migrate: $(BIN)/.installed
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/signup_latency.py
+	$(BIN)/python bench/campaign.py
 
 clean:
 	rm -rf var .pytest_cache

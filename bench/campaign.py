@@ -42,6 +42,7 @@ import datetime as dt
 import email
 import email.header
 import email.policy
+import linecache
 import os
 import platform
 import random
@@ -50,6 +51,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import uuid
@@ -491,49 +493,95 @@ def new_files(folder: Path, seen: set[str]) -> list[Path]:
 # --------------------------------------------------------------------------------------------- profile
 
 
-def shorten(frame: str) -> str:
-    """'function (path/to/file.py:123)' → 'function (file.py:123)' with the package part kept short."""
-    m = re.match(r"(.*) \((.*):(\d+)\)$", frame)
-    if not m:
-        return frame
-    func, path, line = m.groups()
-    for cut in ("site-packages/", "/work/main/", str(ROOT) + "/"):
+FRAME = re.compile(r"(.*) \((.*):(\d+)\)$")
+BLOCKING = re.compile(r"\.(get|wait|acquire|select|poll|sleep)\(")
+STDLIB = sysconfig.get_paths()["stdlib"] + "/"
+
+
+def short_path(path: str) -> str:
+    for cut in ("site-packages/", str(ROOT) + "/", STDLIB):
         if cut in path:
-            path = path.split(cut, 1)[1]
-    return f"{func} ({path}:{line})"
+            return path.split(cut, 1)[1]
+    return path
 
 
-def summarise_profile(raw: Path, top: int = 15) -> dict:
-    """Top frames by self time, project functions (services/, shared/) by inclusive time, share per thread.
+def project_file(path: str) -> bool:
+    return path.startswith((str(ROOT / "services") + "/", str(ROOT / "shared") + "/"))
 
-    py-spy's raw format (with --threads): `thread (<id>): <thread name>;<frame>;...;<leaf frame> <samples>`,
-    each frame `function (file:line)`; idle threads are not sampled.
+
+def package(path: str) -> str:
+    """What a frame's file belongs to: a library, the standard library, or the project's package folder."""
+    if "site-packages/" in path:
+        return short_path(path).split("/")[0].removesuffix(".py")
+    if path.startswith(STDLIB):
+        return short_path(path).split("/")[0].removesuffix(".py") + " (stdlib)"
+    if project_file(path):
+        return "/".join(short_path(path).split("/")[:2])
+    return short_path(path)
+
+
+def is_waiting(frame: str) -> bool:
+    """A leaf frame blocked in a wait (queue get, condition wait, selector poll): py-spy on Python 3.11 does not
+    always recognise such threads as idle, so the summary drops them by looking at the source line."""
+    m = FRAME.match(frame)
+    return bool(m and BLOCKING.search(linecache.getline(m.group(2), int(m.group(3)))))
+
+
+def write_collapsed(raw: Path, output: Path) -> None:
+    """The stacks in the collapsed format of flamegraph.pl / speedscope, by function (no line numbers),
+    with short file names: a fraction of py-spy's raw output."""
+    stacks: collections.Counter[str] = collections.Counter()
+    for line in raw.read_text("utf-8", "replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = []
+        for frame in stack.partition(": ")[2].split(";"):
+            m = FRAME.match(frame)
+            frames.append(f"{m.group(1)} ({short_path(m.group(2))})" if m else re.sub(r"\d+", "N", frame))
+        stacks[";".join(frames)] += int(count)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text("".join(f"{stack} {n}\n" for stack, n in stacks.most_common()), "utf-8")
+
+
+def summarise_profile(raw: Path, seconds: float, rate: int, top: int = 15) -> dict:
+    """Busy share per thread, top frames by self time, time by package, project functions by inclusive time.
+
+    py-spy's raw format (with --threads, --full-filenames): `thread (<id>): <thread name>;<frame>;...;<leaf>
+    <samples>`, each frame `function (file:line)`. Samples waiting (see is_waiting) are left out.
     """
-    frame_re = re.compile(r"(.*) \((.*):(\d+)\)$")
     self_time: collections.Counter[str] = collections.Counter()
+    packages: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()
     threads: collections.Counter[str] = collections.Counter()
-    total = 0
+    busy = waiting = 0
     for line in raw.read_text("utf-8", "replace").splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
         n = int(count)
-        total += n
         frames = stack.partition(": ")[2].split(";")
-        thread = frames.pop(0) if frames and not frame_re.match(frames[0]) else "?"
+        thread = frames.pop(0) if frames and not FRAME.match(frames[0]) else "?"
+        if not frames or is_waiting(frames[-1]):
+            waiting += n
+            continue
+        busy += n
         threads[re.sub(r"\d+", "N", thread)] += n
-        if frames:
-            self_time[shorten(frames[-1])] += n
+        leaf = FRAME.match(frames[-1])
+        if leaf:
+            self_time[f"{leaf.group(1)} ({short_path(leaf.group(2))}:{leaf.group(3)})"] += n
+            packages[package(leaf.group(2))] += n
         functions = set()
         for frame in frames:
-            m = frame_re.match(frame)
-            if m and re.search(r"(^|/)(services|shared)/", m.group(2)):
-                functions.add(f"{m.group(1)} ({shorten(frame).rsplit(':', 1)[0].split(' (', 1)[1]})")
+            m = FRAME.match(frame)
+            if m and project_file(m.group(2)) and not m.group(2).endswith("shared/cli.py"):
+                functions.add(f"{m.group(1)} ({short_path(m.group(2))})")
         for function in functions:  # once per sample, however deep the recursion
             inclusive[function] += n
-    return {"total": total, "self": self_time.most_common(top), "inclusive": inclusive.most_common(top),
-            "threads": threads.most_common()}
+    wall = max(1.0, seconds * rate)  # samples a thread busy all the time would have
+    return {"busy": busy, "waiting": waiting, "self": self_time.most_common(top),
+            "packages": packages.most_common(12), "inclusive": inclusive.most_common(top),
+            "threads": [(name, n, n / wall) for name, n in threads.most_common()]}
 
 
 # --------------------------------------------------------------------------------------------- the run
@@ -650,9 +698,10 @@ async def bench(args: argparse.Namespace, sink_bin: str, source_bin: str, spy_bi
                 profile_raw = folder / "profile.txt"
                 with open(folder / "py-spy.log", "wb") as spy_log:  # noqa: ASYNC230 - a local file, opened once
                     spy = await asyncio.create_subprocess_exec(
-                        spy_bin, "record", "--pid", str(pid), "--format", "raw", "--threads", "--rate",
-                        str(args.profile_rate), "--output", str(profile_raw), stdin=asyncio.subprocess.DEVNULL,
-                        stdout=spy_log, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+                        spy_bin, "record", "--pid", str(pid), "--format", "raw", "--threads", "--full-filenames",
+                        "--rate", str(args.profile_rate), "--output", str(profile_raw),
+                        stdin=asyncio.subprocess.DEVNULL, stdout=spy_log, stderr=asyncio.subprocess.STDOUT,
+                        start_new_session=True)
                 await asyncio.sleep(1.0)  # attached
                 if spy.returncode is not None:
                     raise RuntimeError(f"py-spy exited: {(folder / 'py-spy.log').read_text()[-1000:]}")
@@ -719,9 +768,8 @@ async def bench(args: argparse.Namespace, sink_bin: str, source_bin: str, spy_bi
 
         profile = None
         if profile_raw is not None and profile_raw.exists():
-            RESULTS.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(profile_raw, args.profile_output)
-            profile = summarise_profile(profile_raw)
+            profile = summarise_profile(profile_raw, done_after, args.profile_rate)
+            write_collapsed(profile_raw, args.profile_output)
             profile["file"] = str(args.profile_output.relative_to(ROOT)) \
                 if args.profile_output.is_relative_to(ROOT) else str(args.profile_output)
             profile["rate"] = args.profile_rate
@@ -836,15 +884,17 @@ def render_text(r: dict) -> str:
             lines.append(f"  {label}: {', '.join(items[:5])}{' …' if len(items) > 5 else ''}")
     p = r.get("profile")
     if p:
-        lines.append(f"profile of the mailer during the campaign (py-spy, {p['rate']} Hz, {p['total']} samples, "
-                     f"raw stacks in {p['file']}):")
-        lines.append("  by thread: " + ", ".join(f"{name} {n / p['total']:.0%}" for name, n in p["threads"]))
-        lines.append("  top frames by self time:")
-        for frame, n in p["self"]:
-            lines.append(f"    {n / p['total']:6.1%}  {frame}")
-        lines.append("  project functions by inclusive time:")
-        for frame, n in p["inclusive"]:
-            lines.append(f"    {n / p['total']:6.1%}  {frame}")
+        busy = max(1, p["busy"])
+        lines.append(f"profile of the mailer during the campaign (py-spy {p['rate']} Hz; {p['busy']} busy samples, "
+                     f"{p['waiting']} waiting ones left out; stacks in {p['file']}):")
+        lines.append("  threads busy (share of the campaign's wall time): "
+                     + ", ".join(f"{name} {share:.0%}" for name, _n, share in p["threads"]))
+        lines.append("  busy samples by package (self time): "
+                     + ", ".join(f"{name} {n / busy:.0%}" for name, n in p["packages"]))
+        lines.append("  top frames by self time (share of busy samples):")
+        lines += [f"    {n / busy:6.1%}  {frame}" for frame, n in p["self"]]
+        lines.append("  project functions by inclusive time (share of busy samples):")
+        lines += [f"    {n / busy:6.1%}  {frame}" for frame, n in p["inclusive"]]
     return "\n".join(lines)
 
 
@@ -884,19 +934,22 @@ def render_markdown(r: dict) -> str:
     ]
     p = r.get("profile")
     if p:
+        busy = max(1, p["busy"])
         rows += [
             "",
-            f"Profile of the mailer during the campaign (py-spy {p['rate']} Hz, {p['total']} samples; raw "
-            f"stacks: `{p['file']}`). By thread: "
-            + ", ".join(f"{name} {n / p['total']:.0%}" for name, n in p["threads"]) + ".",
+            f"Profile of the mailer during the campaign (py-spy {p['rate']} Hz, {p['busy']} busy samples; samples "
+            f"of threads waiting in a queue, lock or selector left out; stacks: `{p['file']}`). Threads busy, "
+            "as a share of the campaign's wall time: "
+            + ", ".join(f"{name} {share:.0%}" for name, _n, share in p["threads"]) + ". Busy samples by package "
+            "(self time): " + ", ".join(f"{name} {n / busy:.0%}" for name, n in p["packages"]) + ".",
             "",
             "| self time | frame |",
             "|---:|---|",
-            *(f"| {n / p['total']:.1%} | `{frame}` |" for frame, n in p["self"]),
+            *(f"| {n / busy:.1%} | `{frame}` |" for frame, n in p["self"]),
             "",
             "| inclusive | project function |",
             "|---:|---|",
-            *(f"| {n / p['total']:.1%} | `{frame}` |" for frame, n in p["inclusive"]),
+            *(f"| {n / busy:.1%} | `{frame}` |" for frame, n in p["inclusive"]),
         ]
     rows.append(f"<!-- end: {r['database']} -->")
     return "\n".join(rows)
@@ -933,7 +986,8 @@ def main() -> int:
                    help="existing database to connect to for CREATE/DROP DATABASE (default: %(default)s)")
     p.add_argument("--profile", action="store_true", help="sample the mailer with py-spy during the campaign")
     p.add_argument("--profile-rate", type=int, default=100, help="py-spy samples per second (default 100)")
-    p.add_argument("--profile-output", type=Path, default=PROFILE_RAW, help="where the raw py-spy stacks go")
+    p.add_argument("--profile-output", type=Path, default=PROFILE_RAW,
+                   help="where the sampled stacks go (collapsed format, for flamegraph.pl or speedscope)")
     p.add_argument("--stall", type=float, default=120.0,
                    help="give up when seeding or sending makes no progress for this many seconds (default 120)")
     p.add_argument("--seed", type=int, default=1, help="random seed of the subscribers' languages, regions, topics")

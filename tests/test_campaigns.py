@@ -316,3 +316,19 @@ def test_digest_is_due_on_the_first_chosen_weekday_of_the_month() -> None:
     assert due_time(2026, 12, 0, 9).isoformat() == "2026-12-07T09:00:00+01:00"  # first Monday, Berlin winter time
     assert due_time(2026, 6, 0, 9).isoformat() == "2026-06-01T09:00:00+02:00"
     assert due_time(2027, 2, 4, 18).day == 5  # first Friday
+
+
+async def test_a_scheduled_campaign_starts_by_itself(stack: Stack) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    region = "anhalt-bitterfeld"
+    person = await subscriber(stack, "scheduled", regions=[region])
+    at = (datetime.now(UTC) + timedelta(seconds=3)).isoformat()
+    campaign = await create(stack, {"regions": [region]}, scheduled_at=at)
+    r = await stack.mailer.post(f"/api/v1/campaigns/{campaign['id']}/send", headers=stack.staff(PUBLISHER_KEY))
+    assert r.json()["status"] == "scheduled" and stack.smtp.to(person)[-1]["Subject"] != "Neuigkeiten für Test"
+    expected = (await stack.mailer.post("/api/v1/segments/count", json={"segment": {"regions": [region]}},
+                                        headers=stack.staff(EDITOR_KEY))).json()["count"]
+    result = await finished(stack, campaign["id"], timeout=60)
+    assert result["counts"]["sent"] == expected  # also those who chose no region: they want all regions
+    assert (await stack.smtp.wait_for(person, 3))[2]["Subject"] == "Neuigkeiten für Test"
