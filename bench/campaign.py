@@ -921,9 +921,9 @@ def render_markdown(r: dict) -> str:
         f"| mailer RSS before the send / after / peak while seeding | {r['rss_before_kb'] / mb:.1f} / "
         f"{r['rss_after_kb'] / mb:.1f} / {r['hwm_seeding_kb'] / mb:.1f} MB | |",
         f"| send request answered (ledger + jobs written) | {r['send_answered']:.2f} s | |",
+        f"| first mail accepted after the send request | {r['first_after']:.2f} s | |",
         f"| mailer CPU time during the campaign | {r['mailer_cpu']:.1f} s in {r['done_after']:.1f} s "
         f"({r['mailer_cpu'] / r['done_after']:.0%} of one core) | |",
-        f"| first mail accepted after the send request | {r['first_after']:.2f} s | |",
         f"| exactly once | {'yes' if ok else '**NO**'} | every recipient once |",
         f"| seeding: events published / projection complete / welcome mails out | {r['published_in']:.1f} / "
         f"{r['projection_in']:.1f} / {r['welcome_in']:.1f} s | |",
