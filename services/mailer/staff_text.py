@@ -10,7 +10,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from jinja2 import TemplateSyntaxError, nodes
+from functools import lru_cache
+
+from jinja2 import Template, TemplateSyntaxError, nodes
 from jinja2.sandbox import SandboxedEnvironment
 from markdown_it import MarkdownIt
 from markupsafe import Markup
@@ -49,18 +51,14 @@ def check_subject(subject: str) -> None:
     check_template(subject)
 
 
-def render_text(source: str, values: dict[str, Any]) -> str:
-    return _text_env.from_string(source).render(**values)
+@lru_cache(maxsize=512)
+def _text_template(source: str) -> Template:
+    return _text_env.from_string(source)
 
 
-_PLACEHOLDER = re.compile(r"\{\{.*?\}\}", re.S)
-
-
-def render_html(markdown_source: str, values: dict[str, Any]) -> Markup:
-    """Markdown → HTML (raw HTML in it is shown as text), then placeholders, HTML-escaped.
-
-    Placeholders are kept out of the Markdown pass (which would URL-encode one in a link target).
-    """
+@lru_cache(maxsize=512)
+def _html_template(markdown_source: str) -> Template:
+    """Markdown → HTML once per text (not per recipient); placeholders stay for `render`."""
     found: list[str] = []
 
     def hide(match: re.Match[str]) -> str:
@@ -70,4 +68,20 @@ def render_html(markdown_source: str, values: dict[str, Any]) -> Markup:
     html = _markdown.render(_PLACEHOLDER.sub(hide, markdown_source))
     for index, original in enumerate(found):
         html = html.replace(f"bpplaceholder{index}x", original)
-    return Markup(_html_env.from_string(html).render(**values))
+    return _html_env.from_string(html)
+
+
+def render_text(source: str, values: dict[str, Any]) -> str:
+    return _text_template(source).render(**values)
+
+
+_PLACEHOLDER = re.compile(r"\{\{.*?\}\}", re.S)
+
+
+def render_html(markdown_source: str, values: dict[str, Any]) -> Markup:
+    """Markdown → HTML (raw HTML in it is shown as text), then placeholders, HTML-escaped.
+
+    Placeholders are kept out of the Markdown pass (which would URL-encode one in a link target).
+    Both steps' results are cached per text: a campaign compiles once per language, not per recipient.
+    """
+    return Markup(_html_template(markdown_source).render(**values))
