@@ -10,12 +10,16 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import ValidationError
+from sqlalchemy import func, select
 
+from services.events import store
 from services.events.api import REFUSALS, register
-from services.events.domain import RegistrationIn
+from services.events.domain import RegistrationIn, registration_open
 from services.events.usecases import Events, NotFound, RegistrationRefused
 from shared import ics
 from shared.dates import when
+from shared.db import utcnow
+from shared.taxonomy import load_taxonomy
 from shared.web import Pages, client_ip
 
 router = APIRouter()
@@ -27,7 +31,7 @@ def _state(request: Request) -> tuple[Events, Pages]:
 
 
 def view(events: Events, row, lang: str, counts: dict[str, int] | None = None) -> dict[str, Any]:
-    taxonomy = events_taxonomy()
+    taxonomy = load_taxonomy()
     confirmed = (counts or {}).get("confirmed", 0)
     return {
         "id": row.id, "title": row.title.get(lang) or row.title["de"],
@@ -43,15 +47,7 @@ def view(events: Events, row, lang: str, counts: dict[str, int] | None = None) -
     }
 
 
-def events_taxonomy():
-    from shared.taxonomy import load_taxonomy
-    return load_taxonomy()
-
-
 async def _counts(request: Request, event_id: str) -> dict[str, int]:
-    from sqlalchemy import func, select
-
-    from services.events import store
     async with request.app.state.db.sessions() as s:
         return dict((await s.execute(select(store.registrations.c.status, func.count())
                                      .where(store.registrations.c.event_id == event_id)
@@ -86,9 +82,6 @@ async def feed(request: Request, region: str = "", topic: str = "", lang: str = 
 
 
 async def _event_row(request: Request, event_id: str):
-    from sqlalchemy import select
-
-    from services.events import store
     async with request.app.state.db.sessions() as s:
         row = (await s.execute(select(store.events).where(store.events.c.id == event_id))).first()
     if row is None or row.status == "draft":
@@ -97,7 +90,8 @@ async def _event_row(request: Request, event_id: str):
 
 
 def _not_found(request: Request, pages: Pages, lang: str) -> HTMLResponse:
-    return pages.render(request, "message.html", lang, status_code=404, title=pages.tr.gettext(lang, "events.not_found"),
+    return pages.render(request, "message.html", lang, status_code=404,
+                        title=pages.tr.gettext(lang, "events.not_found"),
                         text=pages.tr.gettext(lang, "events.not_found_text"), link="/events?lang=" + lang,
                         link_text=pages.tr.gettext(lang, "events.back"))
 
@@ -109,8 +103,6 @@ async def event_page(request: Request, event_id: str) -> HTMLResponse:
     row = await _event_row(request, event_id)
     if row is None:
         return _not_found(request, pages, lang)
-    from services.events.domain import registration_open
-    from shared.db import utcnow
     refused = registration_open(row.status, row.registration_deadline, row.starts_at, utcnow())
     return pages.render(request, "event.html", lang, event=view(events, row, lang, await _counts(request, row.id)),
                         refused=refused, form={"language": lang}, errors={})

@@ -188,8 +188,8 @@ class Events:
             existing = (await s.execute(select(r_).where(r_.c.event_id == event_id, r_.c.email == email))).first()
             if existing is not None and existing.status in ("confirmed", "waitlisted"):
                 # Registering twice does not take a second place; the answer is the first one's.
-                return RegistrationResult(existing.id, existing.status, False,
-                                          await self._position(s, existing) if existing.status == "waitlisted" else None)
+                position = await self._position(s, existing) if existing.status == "waitlisted" else None
+                return RegistrationResult(existing.id, existing.status, False, position)
             if refused:
                 raise RegistrationRefused(refused)
             confirmed = await self._count(s, event_id, "confirmed")
