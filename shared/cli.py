@@ -149,7 +149,8 @@ def parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run one service")
     serve.add_argument("service", choices=SERVICES)
     serve.add_argument("--host", default=os.environ.get("BRIDGEPOST_HOST", "127.0.0.1"))
-    serve.add_argument("--port", type=int, default=None, help="default: <SERVICE>_PORT (8001 subscriptions, 8002 events, 8003 mailer)")
+    serve.add_argument("--port", type=int, default=None,
+                       help="default: <SERVICE>_PORT (8001 subscriptions, 8002 events, 8003 mailer)")
     serve.add_argument("--migrate", action="store_true", help="migrate the database first")
     serve.set_defaults(func=cmd_serve)
 

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 class Runtime:
     def __init__(self, name: str, settings: CommonSettings, db: Database, broker: KafkaBroker,
                  names: TopicNames, relay: OutboxRelay) -> None:
-        self.name, self.settings, self.db, self.broker, self.names, self.relay = name, settings, db, broker, names, relay
+        self.name, self.settings, self.db = name, settings, db
+        self.broker, self.names, self.relay = broker, names, relay
         self.connected = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self.periodic: list[tuple[float, Callable[[], Awaitable[None]]]] = []

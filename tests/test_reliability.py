@@ -65,8 +65,9 @@ async def test_poison_messages_go_to_the_dlq_and_the_consumers_go_on(stack: Stac
             assert headers["x-original-offset"].isdigit() and headers["x-dlq-error"]
     # Both consumers went on: a new sign-up is mailed (mailer), a bounce suppresses (subscriptions).
     await _bounce_suppresses(stack)
-    await wait_caught_up(stack.kafka.bootstrap, f"{stack.topic_prefix}mailer.{topics.SUBSCRIBER}", f"{stack.topic_prefix}{topics.SUBSCRIBER}")
-    await wait_caught_up(stack.kafka.bootstrap, f"{stack.topic_prefix}subscriptions.{topics.DELIVERY}", f"{stack.topic_prefix}{topics.DELIVERY}")
+    for service, topic in (("mailer", topics.SUBSCRIBER), ("subscriptions", topics.DELIVERY)):
+        await wait_caught_up(stack.kafka.bootstrap, f"{stack.topic_prefix}{service}.{topic}",
+                             f"{stack.topic_prefix}{topic}")
 
 
 async def _bounce_suppresses(stack: Stack) -> None:

@@ -259,6 +259,7 @@ async def test_preferences_page_changes_choices_and_can_withdraw(stack: Stack) -
     gone = await stack.subscriptions.post(f"/preferences?token={token}", data={"action": "withdraw"})
     assert gone.status_code == 200 and (await stack.subscriber(addr))["status"] == "unsubscribed"
     async with stack.sub_app.state.db.sessions() as s:
-        actions = (await s.scalars(select(store.consent_log.c.action)
-                                   .where(store.consent_log.c.subscriber_id == sub["id"]).order_by(store.consent_log.c.id))).all()
+        log = store.consent_log
+        actions = (await s.scalars(select(log.c.action).where(log.c.subscriber_id == sub["id"])
+                                   .order_by(log.c.id))).all()
     assert actions == ["requested", "confirmed", "preferences_changed", "withdrawn"]

@@ -2,13 +2,13 @@
 
 Sending starts by writing the ledger (one row per recipient, in batches) and one job per batch to
 `mailer.jobs.v1` — through the outbox, in the same transaction. Every mailer instance consumes a
-share of the job partitions. A job claims its batch's pending rows (`sending`, committed) before
-handing them to SMTP and records each answer; a process that dies leaves its claimed rows `sending`,
-which the sweep counts as `ambiguous` — never resent. Rows are claimed as `claimed` and become
-`sending` only just before their hand-over to SMTP, so a claimed row that never left is put back to
-`pending` (not counted as ambiguous): the ambiguous are at most the mails that were really in flight. The job's offset is committed only after the
-batch is done, so a killed instance's batch is picked up by another (or by itself after restart),
-which sends the rows that were still pending.
+share of the job partitions. A job claims its batch's pending rows (`claimed`, committed); a row
+becomes `sending` (committed) only once an SMTP connection is in hand, just before the hand-over,
+and then `sent`, `retry` or `failed` when the answer is recorded. A process that dies leaves rows
+`claimed` (never left: the sweep puts them back to `pending` and hands their batch out again) or
+`sending` (handed over, answer unknown: the sweep counts them `ambiguous` — never resent), so the
+ambiguous are at most the mails that were really in flight. A job's offset is committed only when
+its batch is done, so a killed instance's batch is picked up by another (or by itself on restart).
 """
 
 from __future__ import annotations
@@ -242,8 +242,9 @@ class Campaigns:
                 return []
             for campaign_id, subscriber_ids in chosen.items():
                 # `where` again: a row another instance claimed meanwhile is not taken twice.
-                await s.execute(update(d_).where(d_.c.campaign_id == campaign_id, d_.c.subscriber_id.in_(subscriber_ids),
-                                                 where).values(status="claimed", claimed_by=claim, claimed_at=now))
+                await s.execute(update(d_).where(d_.c.campaign_id == campaign_id,
+                                                 d_.c.subscriber_id.in_(subscriber_ids), where)
+                                .values(status="claimed", claimed_by=claim, claimed_at=now))
             return (await s.execute(
                 select(d_, a_.c.email, a_.c.name, a_.c.language, a_.c.manage_token, a_.c.regions, a_.c.topics,
                        a_.c.status.label("audience"))

@@ -9,10 +9,9 @@ shows the newer version: whoever reads it has the current time and place.
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any
 from urllib.parse import urlencode, urlparse
-
-import uuid
 
 from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession

@@ -8,9 +8,8 @@ with a `default` filter): no attribute access, calls, loops or other code can re
 from __future__ import annotations
 
 import re
-from typing import Any
-
 from functools import lru_cache
+from typing import Any
 
 from jinja2 import Template, TemplateSyntaxError, nodes
 from jinja2.sandbox import SandboxedEnvironment

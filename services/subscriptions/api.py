@@ -160,7 +160,8 @@ async def export_subscriber(subscriber_id: str, request: Request, staff: Admin) 
     body = {"subscriber": _subscriber(row).model_dump(mode="json"),
             "consent_log": [{k: (v.isoformat() if hasattr(v, "isoformat") else v)
                              for k, v in c._mapping.items()} for c in consent]}
-    return JSONResponse(body, headers={"Content-Disposition": f'attachment; filename="subscriber-{subscriber_id}.json"'})
+    disposition = f'attachment; filename="subscriber-{subscriber_id}.json"'
+    return JSONResponse(body, headers={"Content-Disposition": disposition})
 
 
 @router.delete("/subscribers/{subscriber_id}", status_code=200, tags=["staff"])

@@ -266,7 +266,8 @@ class Subscriptions:
     # --- staff -------------------------------------------------------------------------------------
 
     async def set_groups(self, s: AsyncSession, row, audience: str, groups: list[str]) -> None:
-        await s.execute(update(s_).where(s_.c.id == row.id).values(audience=audience, groups=groups, updated_at=utcnow()))
+        await s.execute(update(s_).where(s_.c.id == row.id)
+                        .values(audience=audience, groups=groups, updated_at=utcnow()))
         await self._emit(s, row.id, messages.GroupsChanged(subscriber_id=row.id, audience=audience, groups=groups),
                          None)
 
@@ -325,4 +326,5 @@ class Subscriptions:
 
     async def prune_rate_limits(self) -> None:
         async with self.db.transaction() as s:
-            await s.execute(delete(store.rate_limit_hits).where(store.rate_limit_hits.c.at < utcnow() - timedelta(days=1)))
+            cutoff = utcnow() - timedelta(days=1)
+            await s.execute(delete(store.rate_limit_hits).where(store.rate_limit_hits.c.at < cutoff))
