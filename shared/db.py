@@ -142,23 +142,34 @@ def create_engine(url: str) -> AsyncEngine:
     return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
 
 
+def wake_after_commit(session: AsyncSession, what: str) -> None:
+    """Ask for `what`'s callbacks (e.g. "outbox", "mail") once this session's transaction commits."""
+    session.info.setdefault("wake", set()).add(what)
+
+
 class Database:
-    """Engine, sessions and the unit of work. Callbacks run after each successful commit
-    (the outbox relay wakes up at once instead of waiting for its next poll)."""
+    """Engine, sessions and the unit of work. A commit that wrote work for a background loop (an
+    outbox row, a mail) wakes that loop at once instead of leaving it to its next poll."""
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = create_engine(url)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
-        self.after_commit: list[Callable[[], None]] = []
+        self._wakers: dict[str, list[Callable[[], None]]] = {}
+
+    def on_commit(self, what: str, callback: Callable[[], None]) -> None:
+        """Run `callback` after every commit that called `wake_after_commit(session, what)`."""
+        self._wakers.setdefault(what, []).append(callback)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
         """One unit of work: commits on success, rolls back on error."""
-        async with self.sessions() as session, session.begin():
-            yield session
-        for callback in self.after_commit:
-            callback()
+        async with self.sessions() as session:
+            async with session.begin():
+                yield session
+            for what in session.info.pop("wake", ()):
+                for callback in self._wakers.get(what, ()):
+                    callback()
 
     async def ping(self) -> None:
         async with self.engine.connect() as conn:

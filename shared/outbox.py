@@ -19,7 +19,7 @@ from faststream.kafka import KafkaBroker
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from shared.db import Database, InfraTables, acquire_lease, utcnow
+from shared.db import Database, InfraTables, acquire_lease, utcnow, wake_after_commit
 from shared.messages import CORRELATION_HEADER, Envelope
 from shared.topics import TopicNames
 
@@ -31,6 +31,7 @@ async def add_to_outbox(
     correlation_id: str | None = None,
 ) -> None:
     headers = {CORRELATION_HEADER: correlation_id or str(event.event_id)}
+    wake_after_commit(session, "outbox")
     await session.execute(
         insert(infra.outbox).values(
             event_id=str(event.event_id), topic=topic, key=key, payload=event.model_dump_json(),

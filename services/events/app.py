@@ -30,7 +30,7 @@ def create_app(settings: EventsSettings) -> FastAPI:
     names = TopicNames(settings.kafka_topic_prefix)
     broker = create_broker(settings, "events")
     relay = OutboxRelay(db, store.infra, broker, names, settings.outbox_poll_seconds)
-    db.after_commit.append(relay.notify)
+    db.on_commit("outbox", relay.notify)
     events = Events(db, settings)
     runtime = Runtime("events", settings, db, broker, names, relay)
     # The reminder scheduler: every instance runs it; a conditional update makes each reminder once.

@@ -34,7 +34,8 @@ def create_app(settings: MailerSettings) -> FastAPI:
     broker = create_broker(settings, "mailer")
     relay = OutboxRelay(db, store.infra, broker, names, settings.outbox_poll_seconds)
     sender = Sender(db, settings, SmtpPool(settings))
-    db.after_commit += [relay.notify, sender.notify]
+    db.on_commit("outbox", relay.notify)
+    db.on_commit("mail", sender.notify)
     renderer = MailRenderer(translations, settings.public_base_url, settings.mail_from, settings.reply_to,
                             settings.organisation_name, settings.organisation_address)
     transactional = TransactionalMail(db, renderer)

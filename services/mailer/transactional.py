@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from services.mailer import store
 from services.mailer.render import MailRenderer, Recipient, Rendered
 from shared import messages
-from shared.db import Database, utcnow
+from shared.db import Database, utcnow, wake_after_commit
 from shared.kafka import mark_processed
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,7 @@ async def enqueue_mail(s: AsyncSession, rendered: Rendered, *, dedupe_key: str, 
                        subscriber_id: str | None, correlation_id: str | None) -> str:
     mail_id = str(uuid.uuid4())
     now = utcnow()
+    wake_after_commit(s, "mail")
     await s.execute(insert(m_).values(
         id=mail_id, dedupe_key=dedupe_key, subscriber_id=subscriber_id, kind=kind, recipient=recipient,
         message=rendered.message.as_string(), message_id=rendered.message_id, status="pending", attempts=0,

@@ -31,7 +31,7 @@ def create_app(settings: SubscriptionsSettings) -> FastAPI:
     names = TopicNames(settings.kafka_topic_prefix)
     broker = create_broker(settings, "subscriptions")
     relay = OutboxRelay(db, store.infra, broker, names, settings.outbox_poll_seconds)
-    db.after_commit.append(relay.notify)
+    db.on_commit("outbox", relay.notify)
     subscriptions = Subscriptions(db, settings, ManageLinks(settings.secret_key.get_secret_value()),
                                   consent_text=lambda lang: translations.gettext(lang, "subscribe.consent"))
     dead_letters = register_handlers(broker, settings, TopicNames(settings.kafka_topic_prefix), subscriptions)
