@@ -23,17 +23,18 @@ from typing import Any
 from urllib.parse import urlparse
 
 import aiosmtplib
-from sqlalchemy import and_, func, insert, select, update
+from sqlalchemy import and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.mailer import digest, store
+from services.mailer.composer import Skeleton
 from services.mailer.render import MailRenderer, Recipient, Rendered
 from services.mailer.segments import matches, member
 from services.mailer.sending import RateLimiter
 from services.mailer.settings import MailerSettings
 from services.mailer.smtp import SmtpPool
-from services.mailer.staff_text import render_html, render_text
+from services.mailer.staff_text import NotSplittable, render_html, render_text
 from shared import ics, messages, topics
 from shared.db import Database, utcnow
 from shared.outbox import add_to_outbox
@@ -59,6 +60,7 @@ class Campaigns:
         self.instance = uuid.uuid4().hex[:12]
         self.in_flight = 0
         self._ics_cache: dict[tuple[str, str], bytes] = {}
+        self._skeletons: dict[tuple, Skeleton | None] = {}
 
     # --- content -----------------------------------------------------------------------------------
 
@@ -216,7 +218,7 @@ class Campaigns:
 
     async def handle_job(self, job: messages.CampaignBatch, correlation_id: str | None) -> None:
         """Send one batch; returns when it is done, or at once while the campaign is not sending."""
-        chunk = max(1, self.settings.smtp_pool_size) * 4
+        chunk = self.pool.size * self.settings.campaign_handover_size
         while True:
             async with self.db.sessions() as s:
                 status = await s.scalar(select(c_.c.status).where(c_.c.id == job.campaign_id))
@@ -252,82 +254,179 @@ class Campaigns:
                 .where(d_.c.claimed_by == claim, d_.c.status == "claimed"))).all()
 
     async def _send_rows(self, rows: list) -> None:
+        """Send claimed rows: each SMTP connection takes a group of them (`campaign_handover_size`)."""
         campaigns: dict[str, Any] = {}
         async with self.db.sessions() as s:
             for cid in {r.campaign_id for r in rows}:
                 campaigns[cid] = (await s.execute(select(c_).where(c_.c.id == cid))).first()
-        await asyncio.gather(*(self._send_one(campaigns[r.campaign_id], r) for r in rows))
+        gone = [r for r in rows if r.audience != "active" or not r.email or not r.manage_token]
+        if gone:  # unsubscribed, suppressed or erased since the campaign started: not mailed
+            await self._set(gone, status="skipped")
+        rows = [r for r in rows if r.audience == "active" and r.email and r.manage_token]
+        size = self.settings.campaign_handover_size
+        await asyncio.gather(*(self._send_group(campaigns, rows[i:i + size]) for i in range(0, len(rows), size)))
 
     def _mine(self, row):
         return and_(d_.c.campaign_id == row.campaign_id, d_.c.subscriber_id == row.subscriber_id,
                     d_.c.claimed_by == row.claimed_by, d_.c.status.in_(("claimed", "sending", "ambiguous")))
 
-    async def _send_one(self, campaign, row) -> None:
-        if row.audience != "active" or not row.email or not row.manage_token:
-            # Unsubscribed, suppressed or erased since the campaign started: not mailed.
-            async with self.db.transaction() as s:
-                await s.execute(update(d_).where(self._mine(row)).values(status="skipped"))
+    async def _set(self, rows: list, **values: Any) -> None:
+        """One UPDATE per claim for all `rows` (guarded by the claim, as `_mine`)."""
+        by_claim: dict[tuple[str, str], list[str]] = defaultdict(list)
+        for row in rows:
+            by_claim[(row.campaign_id, row.claimed_by)].append(row.subscriber_id)
+        async with self.db.transaction() as s:
+            for (campaign_id, claim), ids in by_claim.items():
+                await s.execute(update(d_).where(
+                    d_.c.campaign_id == campaign_id, d_.c.claimed_by == claim, d_.c.subscriber_id.in_(ids),
+                    d_.c.status.in_(("claimed", "sending", "ambiguous"))).values(**values))
+
+    async def _hand_over(self, rows: list) -> list:
+        """With an SMTP connection in hand: `rows` become `sending` (committed); from here on a crash
+        leaves them ambiguous. Returns the rows still ours (not cancelled or reclaimed meanwhile)."""
+        by_claim: dict[tuple[str, str], list] = defaultdict(list)
+        for row in rows:
+            by_claim[(row.campaign_id, row.claimed_by)].append(row)
+        ours = []
+        now = utcnow()
+        async with self.db.transaction() as s:
+            for (campaign_id, claim), group in by_claim.items():
+                ids = [r.subscriber_id for r in group]
+                mine = and_(d_.c.campaign_id == campaign_id, d_.c.claimed_by == claim, d_.c.subscriber_id.in_(ids))
+                handed = await s.execute(update(d_).where(mine, d_.c.status == "claimed")
+                                         .values(status="sending", claimed_at=now))
+                if handed.rowcount == len(ids):
+                    ours += group
+                else:
+                    sending = set((await s.scalars(select(d_.c.subscriber_id).where(
+                        mine, d_.c.status == "sending", d_.c.claimed_at == now))).all())
+                    ours += [r for r in group if r.subscriber_id in sending]
+        return ours
+
+    def _message(self, campaign, row, attachments) -> tuple[bytes | Any, str]:
+        """The recipient's mail: composed from the language's skeleton, or rendered in full."""
+        language = row.language if row.language in self.renderer.tr.taxonomy.languages else "de"
+        skeleton = self._skeleton(campaign, language, attachments) if row.email.isascii() else None
+        if skeleton is None:
+            rendered = self.render_for(campaign, row.email, row.name, row.language, row.manage_token, attachments)
+            return rendered.message, rendered.message_id
+        return skeleton.compose(row.email, row.name, row.manage_token)
+
+    def _skeleton(self, campaign, language: str, attachments) -> Skeleton | None:
+        if campaign.kind == "digest":  # written for each recipient
+            return None
+        key = (campaign.id, campaign.updated_at, language)
+        if key not in self._skeletons:
+            if len(self._skeletons) > 256:
+                self._skeletons.clear()
+            subject, body, fell_back = self.content(campaign, language)
+            try:
+                self._skeletons[key] = Skeleton(self.renderer, "de" if fell_back else language, subject, body,
+                                                attachments)
+            except NotSplittable:
+                self._skeletons[key] = None
+        return self._skeletons[key]
+
+    async def _send_group(self, campaigns: dict[str, Any], rows: list) -> None:
+        if not rows:
             return
-        await self.limiter.wait()
-        await self._domain_limits[row.email.rpartition("@")[2]].wait()
-        body = None
-        if campaign.kind == "digest":
-            async with self.db.sessions() as s:
-                events = [e for e in await self.upcoming_events(s) if digest.relevant(e, row.regions, row.topics)]
-            if not events:  # nothing for them any more: no empty digest
-                async with self.db.transaction() as s:
-                    await s.execute(update(d_).where(self._mine(row)).values(status="skipped"))
-                return
-            body = digest.body(events, row.language if row.language in self.renderer.tr.taxonomy.languages
-                               else "de", self.renderer.tr)
-        rendered = self.render_for(campaign, row.email, row.name, row.language, row.manage_token,
-                                   await self._attachments(campaign, row.language), body=body)
-
-        async def hand_over() -> bool:
-            # With an SMTP connection in hand: from here on, a crash leaves the mail ambiguous.
-            async with self.db.transaction() as s:
-                handed = await s.execute(update(d_).where(self._mine(row), d_.c.status == "claimed")
-                                         .values(status="sending", claimed_at=utcnow()))
-            return bool(handed.rowcount)  # False: cancelled or reclaimed meanwhile
-
-        self.in_flight += 1
+        sent: list[tuple[Any, str]] = []
+        failed: list[tuple[Any, int | None, str]] = []
+        unsent: list = []
+        handed: list = []
         try:
-            if await self.pool.send(rendered.message, self.envelope_from, row.email, on_handover=hand_over) is None:
-                return
-        except aiosmtplib.SMTPRecipientsRefused as exc:
-            await self._failed(row, min((r.code for r in exc.recipients), default=None), str(exc))
-        except aiosmtplib.SMTPResponseException as exc:
-            await self._failed(row, exc.code, exc.message)
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            await self._failed(row, None, f"{type(exc).__name__}: {exc}")
-        else:
-            async with self.db.transaction() as s:
-                await s.execute(update(d_).where(self._mine(row)).values(
-                    status="sent", sent_at=utcnow(), attempts=row.attempts + 1, message_id=rendered.message_id,
-                    last_error=None))
-        finally:
-            self.in_flight -= 1
+            async with self.pool.connection() as session:
+                rows = handed = await self._hand_over(rows)
+                for index, row in enumerate(rows):
+                    campaign = campaigns[row.campaign_id]
+                    await self.limiter.wait()
+                    await self._domain_limits[row.email.rpartition("@")[2]].wait()
+                    self.in_flight += 1
+                    try:
+                        body = None
+                        if campaign.kind == "digest":
+                            body = await self._digest_body(row)
+                            if body is None:  # nothing for them any more: no empty digest
+                                await self._set([row], status="skipped")
+                                continue
+                        attachments = await self._attachments(campaign, row.language)
+                        try:
+                            if body is None:
+                                message, message_id = self._message(campaign, row, attachments)
+                            else:
+                                rendered = self.render_for(campaign, row.email, row.name, row.language,
+                                                           row.manage_token, attachments, body=body)
+                                message, message_id = rendered.message, rendered.message_id
+                        except ValueError as exc:  # e.g. a name with a line break: this mail cannot be written
+                            await self._set([row], status="failed", last_error=f"not sent: {exc}"[:480])
+                            continue
+                        await session.send(self.envelope_from, row.email, self.pool.prepare(message))
+                    except aiosmtplib.SMTPResponseException as exc:
+                        failed.append((row, exc.code, exc.message))
+                    except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+                        if session.content_sent:  # handed over, answer lost: counted, never resent
+                            await self._set([row], status="ambiguous")
+                        else:
+                            failed.append((row, None, f"{type(exc).__name__}: {exc}"))
+                        unsent = rows[index + 1:]  # the connection is gone: the rest go back, untried
+                        break
+                    else:
+                        sent.append((row, message_id))
+                    finally:
+                        self.in_flight -= 1
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:  # no connection: nothing went out
+            if handed:
+                raise
+            failed += [(row, None, f"{type(exc).__name__}: {exc}") for row in rows]
+        await self._record(sent, failed, unsent)
 
-    async def _failed(self, row, code: int | None, error: str) -> None:
+    async def _digest_body(self, row) -> str | None:
+        async with self.db.sessions() as s:
+            events = [e for e in await self.upcoming_events(s) if digest.relevant(e, row.regions, row.topics)]
+        if not events:
+            return None
+        return digest.body(events, row.language if row.language in self.renderer.tr.taxonomy.languages else "de",
+                           self.renderer.tr)
+
+    async def _record(self, sent: list, failed: list, unsent: list) -> None:
+        """The answers of one group, in one transaction."""
+        if not (sent or failed or unsent):
+            return
+        now = utcnow()
+        async with self.db.transaction() as s:
+            if sent:
+                await s.execute(
+                    update(d_).where(d_.c.campaign_id == bindparam("c"), d_.c.subscriber_id == bindparam("s"),
+                                     d_.c.claimed_by == bindparam("claim"),  # (no IN: executemany)
+                                     or_(*(d_.c.status == status for status in ("claimed", "sending", "ambiguous"))))
+                    .values(status="sent", sent_at=now, attempts=bindparam("n"), message_id=bindparam("m"),
+                            last_error=None),
+                    [{"c": r.campaign_id, "s": r.subscriber_id, "claim": r.claimed_by, "n": r.attempts + 1,
+                      "m": mid} for r, mid in sent])
+            for row, code, error in failed:
+                await self._failed(s, row, code, error)
+            for row in unsent:  # never handed to SMTP: due again at once, no attempt counted
+                await s.execute(update(d_).where(self._mine(row)).values(status="retry", next_attempt_at=now))
+
+    async def _failed(self, s: AsyncSession, row, code: int | None, error: str) -> None:
         attempts = row.attempts + 1
         permanent = code is not None and 500 <= code < 600
         gave_up = not permanent and attempts >= self.settings.max_attempts
         error = error[:480]
-        async with self.db.transaction() as s:
-            if permanent or gave_up:
-                await s.execute(update(d_).where(self._mine(row)).values(
-                    status="failed", attempts=attempts, last_error=f"{code} {error}"))
-            else:
-                delay = min(self.settings.retry_base_seconds * 2 ** (attempts - 1), self.settings.retry_max_seconds)
-                await s.execute(update(d_).where(self._mine(row)).values(
-                    status="retry", attempts=attempts, last_error=f"{code} {error}",
-                    next_attempt_at=utcnow() + timedelta(seconds=delay)))
-            mail_id = f"{row.campaign_id}:{row.subscriber_id}"
-            event = (messages.MailBounced(subscriber_id=row.subscriber_id, mail_id=mail_id, kind="campaign",
-                                          smtp_code=code, error=error) if permanent else
-                     messages.MailFailed(subscriber_id=row.subscriber_id, mail_id=mail_id, kind="campaign",
-                                         attempt=attempts, final=gave_up, smtp_code=code, error=error))
-            await add_to_outbox(s, store.infra, topics.DELIVERY, row.subscriber_id, event, None)
+        if permanent or gave_up:
+            await s.execute(update(d_).where(self._mine(row)).values(
+                status="failed", attempts=attempts, last_error=f"{code} {error}"))
+        else:
+            delay = min(self.settings.retry_base_seconds * 2 ** (attempts - 1), self.settings.retry_max_seconds)
+            await s.execute(update(d_).where(self._mine(row)).values(
+                status="retry", attempts=attempts, last_error=f"{code} {error}",
+                next_attempt_at=utcnow() + timedelta(seconds=delay)))
+        mail_id = f"{row.campaign_id}:{row.subscriber_id}"
+        event = (messages.MailBounced(subscriber_id=row.subscriber_id, mail_id=mail_id, kind="campaign",
+                                      smtp_code=code, error=error) if permanent else
+                 messages.MailFailed(subscriber_id=row.subscriber_id, mail_id=mail_id, kind="campaign",
+                                     attempt=attempts, final=gave_up, smtp_code=code, error=error))
+        await add_to_outbox(s, store.infra, topics.DELIVERY, row.subscriber_id, event, None)
 
     async def sweep(self, now: datetime | None = None) -> None:
         """Periodic: start due scheduled campaigns, retry due rows, count the ambiguous, finish."""
@@ -355,7 +454,8 @@ class Campaigns:
                         stuck.rowcount)
         sending = select(c_.c.id).where(c_.c.status == "sending").scalar_subquery()
         retries = await self._claim(and_(d_.c.status == "retry", d_.c.next_attempt_at <= now,
-                                         d_.c.campaign_id.in_(sending)), max(1, self.settings.smtp_pool_size) * 4)
+                                         d_.c.campaign_id.in_(sending)),
+                                   self.pool.size * self.settings.campaign_handover_size)
         if retries:
             await self._send_rows(retries)
         async with self.db.transaction() as s:

@@ -65,11 +65,11 @@ class MailRenderer:
         return {"unsubscribe_url": self.link("/unsubscribe", token=manage_token, lang=language),
                 "preferences_url": self.link("/preferences", token=manage_token, lang=language)}
 
-    def render(self, kind: str, recipient: Recipient, subject_key: str, context: dict[str, Any],
-               manage_token: str | None = None, attachments: list[tuple[str, str, bytes]] = (),
-               template: str | None = None, subject_values: dict[str, Any] | None = None,
-               subject: str | None = None) -> Rendered:
-        """Build the MIME message for `kind` (templates `<template or kind>.html` and `.txt`)."""
+    def render_parts(self, kind: str, recipient: Recipient, subject_key: str, context: dict[str, Any],
+                     links: dict[str, str] | None = None, template: str | None = None,
+                     subject_values: dict[str, Any] | None = None, subject: str | None = None,
+                     ) -> tuple[str, str, str, str]:
+        """(language, subject, text, html) of `kind` (templates `<template or kind>.html` and `.txt`)."""
         lang = recipient.language if recipient.language in self.tr.taxonomy.languages \
             else self.tr.taxonomy.default_language
         taxonomy = self.tr.taxonomy
@@ -77,14 +77,26 @@ class MailRenderer:
         def _(key: str, **values: object) -> str:
             return self.tr.gettext(lang, key, **values)
 
-        links = self.manage_links(manage_token, lang) if manage_token else {}
         ctx = dict(_=_, lang=lang, dir=taxonomy.text_direction(lang), name=recipient.name, kind=kind,
-                   organisation=self.organisation, address=self.address, taxonomy=taxonomy, **links, **context)
+                   organisation=self.organisation, address=self.address, taxonomy=taxonomy, **(links or {}),
+                   **context)
         subject = safe_header(subject if subject is not None else
                               _(subject_key, organisation=self.organisation, **(subject_values or {})))
         name = template or kind
         text = self.text.get_template(f"{name}.txt").render(ctx)
         html = self.inliner.inline(self.html.get_template(f"{name}.html").render(subject=subject, **ctx))
+        return lang, subject, text, html
+
+    def render(self, kind: str, recipient: Recipient, subject_key: str, context: dict[str, Any],
+               manage_token: str | None = None, attachments: list[tuple[str, str, bytes]] = (),
+               template: str | None = None, subject_values: dict[str, Any] | None = None,
+               subject: str | None = None) -> Rendered:
+        """Build the MIME message for `kind` (templates `<template or kind>.html` and `.txt`)."""
+        lang = recipient.language if recipient.language in self.tr.taxonomy.languages \
+            else self.tr.taxonomy.default_language
+        links = self.manage_links(manage_token, lang) if manage_token else {}
+        lang, subject, text, html = self.render_parts(kind, recipient, subject_key, context, links, template,
+                                                      subject_values, subject)
 
         msg = EmailMessage(policy=POLICY)
         message_id = make_msgid(domain=self.domain)

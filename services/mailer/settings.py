@@ -42,6 +42,10 @@ class MailerSettings(ServiceSettings):
         0.0, description="Sends per second to one recipient domain (e.g. gmail.com) per instance; 0 = unlimited")
     campaign_batch_size: int = Field(200, ge=1, le=10000,
                                      description="Recipients per job on mailer.jobs.v1 (the unit instances share)")
+    campaign_handover_size: int = Field(
+        25, ge=1, le=1000,
+        description="Campaign mails one SMTP connection takes per hand-over: they are marked in flight together, "
+                    "so a crash leaves at most SMTP_POOL_SIZE × this many mails ambiguous (never resent)")
     digest_enabled: bool = Field(True, description="Send the periodic digest of upcoming events")
     digest_weekday: int = Field(0, ge=0, le=6, description="Weekday of the digest (0 = Monday)")
     digest_hour: int = Field(9, ge=0, le=23, description="Hour (Europe/Berlin) of the digest, on the first such "

@@ -8,6 +8,7 @@ with a `default` filter): no attribute access, calls, loops or other code can re
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
@@ -55,9 +56,8 @@ def _text_template(source: str) -> Template:
     return _text_env.from_string(source)
 
 
-@lru_cache(maxsize=512)
-def _html_template(markdown_source: str) -> Template:
-    """Markdown → HTML once per text (not per recipient); placeholders stay for `render`."""
+def _markdown_to_template(markdown_source: str) -> str:
+    """Markdown → HTML with the placeholders kept as they were (Markdown would URL-encode one in a link)."""
     found: list[str] = []
 
     def hide(match: re.Match[str]) -> str:
@@ -67,7 +67,39 @@ def _html_template(markdown_source: str) -> Template:
     html = _markdown.render(_PLACEHOLDER.sub(hide, markdown_source))
     for index, original in enumerate(found):
         html = html.replace(f"bpplaceholder{index}x", original)
-    return _html_env.from_string(html)
+    return html
+
+
+@lru_cache(maxsize=512)
+def _html_template(markdown_source: str) -> Template:
+    """Markdown → HTML once per text (not per recipient); placeholders stay for `render`."""
+    return _html_env.from_string(_markdown_to_template(markdown_source))
+
+
+class NotSplittable(ValueError):
+    """The text holds something `split` cannot turn into fixed text and placeholders."""
+
+
+def split(source: str, marker: Callable[[nodes.Expr], str], *, markdown: bool = False) -> str:
+    """The text with every placeholder replaced by `marker(expression)`; everything else as `render_*`
+    would produce it (Markdown, raw blocks, comments, whitespace control), rendered once.
+
+    A campaign is rendered once per language this way and each recipient's mail is composed by putting
+    `evaluate(expression, values)` where the markers are (services/mailer/composer.py).
+    """
+    tree = (_html_env if markdown else _text_env).parse(_markdown_to_template(source) if markdown else source)
+    out: list[str] = []
+    for node in tree.body:
+        if not isinstance(node, nodes.Output):
+            raise NotSplittable(type(node).__name__)
+        for child in node.nodes:
+            out.append(child.data if isinstance(child, nodes.TemplateData) else marker(child))
+    return "".join(out)
+
+
+def expression(node: nodes.Expr) -> Template:
+    """One placeholder as a template of its own (its value as text; the caller escapes it for HTML)."""
+    return _text_env.from_string(nodes.Template([nodes.Output([node], lineno=1)], lineno=1))
 
 
 def render_text(source: str, values: dict[str, Any]) -> str:
