@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: dev test lint migrate bench clean
+.PHONY: dev test lint migrate bench docs clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ lint: $(BIN)/.installed
 
 migrate: $(BIN)/.installed
 	$(BIN)/bridgepost migrate
+
+# Regenerates docs/api/*.json and docs/configuration.md from the code (tests/test_docs.py checks them).
+docs: $(BIN)/.installed
+	$(BIN)/python -m shared.apidocs
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/signup_latency.py

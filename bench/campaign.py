@@ -8,8 +8,8 @@ the mailer's), then `bridgepost migrate` and `bridgepost serve mailer` as a sepa
 1. Seeds `--subscribers` active subscribers (default 20,000; seven languages, mixed regions and topics)
    the way the mailer learns about them in production: `subscription_confirmed` events published to
    `subscriptions.subscriber.v1` (keyed by subscriber id), from which the mailer builds its audience
-   projection. It waits until POST /api/v1/segments/count reaches N, and until the N welcome mails those
-   events cause have gone out (they are not part of the measurement).
+   projection — as `bridgepost subscribers import` with proof of consent sends them (`welcome: false`, so
+   no welcome mails). It waits until POST /api/v1/segments/count reaches N.
 2. Creates a newsletter with subject and body in all seven languages (placeholders, links), sends it
    (POST /api/v1/campaigns/{id}/send) and times from just before that request until smtp-sink accepted
    the last campaign mail (the modification time of its dump file, written when the sink got the ".").
@@ -191,7 +191,8 @@ async def publish_confirmed(bootstrap: str, topic: str, people: list[dict]) -> f
     try:
         futures = []
         for i, p in enumerate(people):
-            event = SubscriptionConfirmed(**p, confirmed_at=now - dt.timedelta(minutes=len(people) - i))
+            event = SubscriptionConfirmed(**p, confirmed_at=now - dt.timedelta(minutes=len(people) - i),
+                                          welcome=False)  # as `bridgepost subscribers import` with proof
             futures.append(await producer.send(
                 topic, value=event.model_dump_json().encode(), key=p["subscriber_id"].encode(),
                 headers=[(CORRELATION_HEADER, str(event.event_id).encode())]))
@@ -667,19 +668,10 @@ async def bench(args: argparse.Namespace, sink_bin: str, source_bin: str, spy_bi
                 r.raise_for_status()
                 return r.json()["count"]
 
-            async def welcomes() -> int:
-                r = await client.get("/api/v1/deliveries/stats")
-                r.raise_for_status()
-                by = r.json()["by_kind"].get("welcome", {})
-                return sum(by.get(s, 0) for s in ("sent", "failed", "ambiguous", "cancelled"))
-
             await wait_for("audience projection", audience, n, mail, args.stall)
             projection_in = time.perf_counter() - seeding
             log(f"audience projection has {n} active subscribers after {projection_in:.1f} s")
-            await wait_for("welcome mails sent", welcomes, n, mail, args.stall)
-            welcome_in = time.perf_counter() - seeding
-            log(f"the {n} welcome mails caused by seeding are out after {welcome_in:.1f} s; settling")
-            await asyncio.sleep(3)  # the MailSent events of the welcome mails leave the outbox
+            await asyncio.sleep(2)  # settling
             seen = set(os.listdir(dumps))
 
             # --- 2. the newsletter
@@ -777,7 +769,7 @@ async def bench(args: argparse.Namespace, sink_bin: str, source_bin: str, spy_bi
 
         return {
             "database": args.database, "subscribers": n, "connections": args.connections,
-            "published_in": published_in, "projection_in": projection_in, "welcome_in": welcome_in,
+            "published_in": published_in, "projection_in": projection_in,
             "send_answered": send_answered, "first_after": first_after, "elapsed": elapsed, "rate": rate,
             "done_after": done_after, "mailer_cpu": mailer_cpu, "counts": counts, "check": check,
             "source_rate": source_rate, "source_elapsed": source_elapsed, "ratio": rate / source_rate,
@@ -856,8 +848,7 @@ def render_text(r: dict) -> str:
         f"{r['connections']} SMTP connections",
         f"machine: {r['cores']} cores ({r['machine']}), load average before the send {r['load']}, date: {r['date']}",
         f"seeding: {r['subscribers']} subscription_confirmed events published in {r['published_in']:.1f} s; "
-        f"audience projection complete after {r['projection_in']:.1f} s, "
-        f"welcome mails out after {r['welcome_in']:.1f} s",
+        f"audience projection complete after {r['projection_in']:.1f} s",
         f"send request answered after {r['send_answered']:.2f} s (ledger and jobs written); first mail accepted "
         f"after {r['first_after']:.2f} s",
         f"campaign: {r['check']['files']} mails, last accepted {r['elapsed']:.2f} s after the send request "
@@ -925,8 +916,8 @@ def render_markdown(r: dict) -> str:
         f"| mailer CPU time during the campaign | {r['mailer_cpu']:.1f} s in {r['done_after']:.1f} s "
         f"({r['mailer_cpu'] / r['done_after']:.0%} of one core) | |",
         f"| exactly once | {'yes' if ok else '**NO**'} | every recipient once |",
-        f"| seeding: events published / projection complete / welcome mails out | {r['published_in']:.1f} / "
-        f"{r['projection_in']:.1f} / {r['welcome_in']:.1f} s | |",
+        f"| seeding: events published / projection complete | {r['published_in']:.1f} / "
+        f"{r['projection_in']:.1f} s | |",
         "",
         f"Exactly once: {once}. By language: "
         f"{', '.join(f'{k} {v}' for k, v in sorted(r['check']['by_language'].items()))}; mean message size "

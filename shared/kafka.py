@@ -5,12 +5,15 @@ after the handler returned (its effect is stored), never before (`ACK_FIRST` wou
 A message that cannot be parsed, has an unknown type, or whose handler keeps failing with a
 non-transient error goes to `<topic>.dlq` with the error and its origin in headers, and the partition
 moves on. Transient errors (database or broker down) are retried with backoff and never go to the DLQ.
+While a message is handled, its correlation id (the `x-correlation-id` header) is the logging context, so
+every line logged for it carries the id of the sign-up or event it belongs to (`shared.logs`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -20,11 +23,12 @@ from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, KafkaMessage
 from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import insert
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, StatementError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.db import InfraTables, utcnow
+from shared.logs import log_context
 from shared.messages import CORRELATION_HEADER
 from shared.settings import CommonSettings
 from shared.topics import TopicNames, dlq
@@ -70,12 +74,20 @@ async def mark_processed(session: AsyncSession, infra: InfraTables, consumer: st
 
 
 class DeadLetters:
-    """Publishes what a consumer could not handle to `<topic>.dlq`, keeping key, value and headers."""
+    """Publishes what a consumer could not handle to `<topic>.dlq`, keeping key, value and headers.
+
+    Also what /metrics reports of the consumer: messages handled (`consumed`, duplicates included),
+    `duplicates` (already processed: redelivered or replayed), failed attempts by reason (`failed`),
+    dead-lettered (`count`), and the FastStream subscriber whose Kafka consumer knows the lag.
+    """
 
     def __init__(self, broker: KafkaBroker, group_id: str, topic: str) -> None:
         self.broker, self.group_id, self.topic = broker, group_id, topic
         self.count = 0
         self.consumed = 0
+        self.duplicates = 0
+        self.failed: Counter[str] = Counter()
+        self.subscriber: Any = None
 
     async def send(self, msg: KafkaMessage, error: BaseException, stage: str) -> None:
         record = msg.raw_message
@@ -101,6 +113,9 @@ def describe(error: BaseException) -> str:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'message'}: {e['msg']} [{e['type']}]"
                              for e in error.errors(include_input=False, include_url=False)[:10])
         return f"ValidationError: {problems}"
+    if isinstance(error, StatementError):
+        # str() of a failed statement lists its bound values (addresses, names): the driver's error only.
+        return f"{type(error).__name__}: {error.orig!s}" if error.orig is not None else type(error).__name__
     return f"{type(error).__name__}: {error}"
 
 
@@ -123,47 +138,96 @@ def register_consumer(
     max_attempts = settings.consumer_max_attempts
 
     async def consume(msg: KafkaMessage) -> None:
+        correlation_id = correlation_of(msg)
+        with log_context(correlation_id=correlation_id, service=service):
+            await handle(msg, correlation_id)
+
+    async def handle(msg: KafkaMessage, correlation_id: str | None) -> None:
         try:
             event = schema.validate_json(msg.body)
         except (ValidationError, ValueError) as exc:
             await dead_letters.send(msg, exc, "decode")
             return
-        correlation_id = (msg.headers or {}).get(CORRELATION_HEADER)
         attempts, started = 0, asyncio.get_running_loop().time()
         while True:
             try:
                 await handler(event, correlation_id)
                 dead_letters.consumed += 1
+                log.info("%s %s handled (%s)", getattr(event, "type", "event"), getattr(event, "event_id", ""), topic)
                 return
             except AlreadyProcessed:
                 dead_letters.consumed += 1
+                dead_letters.duplicates += 1
+                log.debug("%s %s was handled before (%s)", getattr(event, "type", "event"),
+                          getattr(event, "event_id", ""), topic)
                 return
             except TRANSIENT_ERRORS as exc:
+                dead_letters.failed["transient"] += 1
                 waited = asyncio.get_running_loop().time() - started
                 if waited > TRANSIENT_RETRY_SECONDS:
                     raise  # nack: the message is fetched again, nothing is committed past it
-                log.warning("transient error on %s (%s), retrying: %s", topic, type(exc).__name__, exc)
+                log.warning("transient error on %s, retrying: %s", topic, describe(exc))
                 await asyncio.sleep(min(0.2 * 2 ** min(attempts, 5), 5.0))
                 attempts += 1
             except DBAPIError as exc:  # a database error that is not about connectivity: a bug or bad data
+                dead_letters.failed["error"] += 1
                 attempts += 1
                 if attempts >= max_attempts:
                     await dead_letters.send(msg, exc, "handler")
                     return
+                log.warning("handler for %s failed (attempt %d): %s", topic, attempts, describe(exc))
                 await asyncio.sleep(0.1 * attempts)
             except Exception as exc:  # noqa: BLE001 - any bug in a handler must not stop the partition
+                dead_letters.failed["error"] += 1
                 attempts += 1
                 if attempts >= max_attempts:
                     await dead_letters.send(msg, exc, "handler")
                     return
-                log.warning("handler for %s failed (attempt %d): %r", topic, attempts, exc)
+                log.warning("handler for %s failed (attempt %d): %s", topic, attempts, describe(exc))
                 await asyncio.sleep(0.1 * attempts)
 
     consume.__name__ = f"consume_{topic.replace('.', '_')}_{group_id.replace('-', '_')}"
-    broker.subscriber(
+    subscriber = broker.subscriber(
         names(topic), group_id=group_id, ack_policy=AckPolicy.NACK_ON_ERROR, auto_offset_reset="earliest",
         fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
         **({"max_workers": settings.kafka_consumers_per_topic} if settings.kafka_consumers_per_topic > 1 else {}),
         title=f"{group_id}:{topic}",
-    )(consume)
+    )
+    subscriber(consume)
+    dead_letters.subscriber = subscriber
     return dead_letters
+
+
+def correlation_of(msg: KafkaMessage) -> str | None:
+    """The message's correlation id header, if it is a sane one (it ends up in every log line)."""
+    value = (msg.headers or {}).get(CORRELATION_HEADER)
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if not isinstance(value, str) or not value or not value.isprintable():
+        return None
+    return value[:64]
+
+
+async def consumer_lag(dead_letters: DeadLetters) -> dict[int, int]:
+    """Messages not yet handed to the handler, per partition this instance is assigned:
+    the partition's highwater minus the consumer's position, both as the Kafka client last saw them.
+
+    A partition is left out until the consumer has fetched from it (its highwater is unknown before).
+    """
+    subscriber = dead_letters.subscriber
+    consumers = list(getattr(subscriber, "consumer_subgroup", None) or ()) or [getattr(subscriber, "consumer", None)]
+    lag: dict[int, int] = {}
+    for consumer in consumers:
+        if consumer is None:
+            continue
+        for partition in list(consumer.assignment()):
+            try:
+                highwater = consumer.highwater(partition)
+                if highwater is None:
+                    continue
+                # Immediate while the position is known; waits only during a rebalance or an offset reset.
+                position = await asyncio.wait_for(consumer.position(partition), 0.5)
+            except (AssertionError, KafkaError, TimeoutError):  # unassigned meanwhile, or no position yet
+                continue
+            lag[partition.partition] = max(0, highwater - position)
+    return lag

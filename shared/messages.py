@@ -60,6 +60,8 @@ class SubscriptionConfirmed(Envelope, SubscriberProfile):
     status: str = "active"
     confirmed_at: datetime
     manage_token: str = Field(description="Signed token for unsubscribe and preference links")
+    welcome: bool = Field(True, description="Send the welcome mail; false for addresses imported with proof of "
+                                            "consent (an existing list moving in is not greeted again)")
 
 
 class PreferencesChanged(Envelope, SubscriberProfile):

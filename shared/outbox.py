@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import uuid
+from collections import Counter
 from datetime import timedelta
 
 from faststream.kafka import KafkaBroker
@@ -51,6 +52,7 @@ class OutboxRelay:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.published = 0
+        self.published_by_topic: Counter[str] = Counter()  # for /metrics: bridgepost_messages_published_total
 
     def notify(self) -> None:
         self._wake.set()
@@ -125,6 +127,8 @@ class OutboxRelay:
             async with self.db.transaction() as s:
                 await s.execute(update(t).where(t.c.id.in_(done)).values(published_at=utcnow()))
             self.published += len(done)
+            self.published_by_topic.update(row.topic for row, r in zip(rows, results, strict=True)
+                                           if not isinstance(r, BaseException))
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             raise errors[0]
@@ -134,6 +138,27 @@ class OutboxRelay:
         t = self.infra.outbox
         async with self.db.transaction() as s:
             await s.execute(delete(t).where(t.c.published_at < utcnow() - self.retention))
+
+    # --- a broker that lost what it had been sent (the embedded one forgets everything on restart) -----
+
+    async def retained_topics(self) -> set[str]:
+        """Topics of the rows published and still kept (for `retention`)."""
+        t = self.infra.outbox
+        async with self.db.sessions() as s:
+            return set((await s.scalars(select(t.c.topic).where(t.c.published_at.is_not(None)).distinct())).all())
+
+    async def resend(self, topics: set[str]) -> int:
+        """Publish the retained rows of `topics` again: they become unpublished, so the relay sends them
+        in id order, before anything newer. What was consumed before is a no-op for the consumers
+        (they deduplicate by `event_id`); what was not is delivered."""
+        if not topics:
+            return 0
+        t = self.infra.outbox
+        async with self.db.transaction() as s:
+            result = await s.execute(update(t).where(t.c.topic.in_(sorted(topics)), t.c.published_at.is_not(None))
+                                     .values(published_at=None))
+        self.notify()
+        return int(result.rowcount or 0)
 
 
 def dumps(obj: object) -> str:

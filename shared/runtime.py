@@ -11,14 +11,18 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from faststream.kafka import KafkaBroker
+from sqlalchemy import func, select
 
-from shared.db import Database
+from shared import logs
+from shared.db import Database, utcnow
+from shared.kafka import consumer_lag, describe
 from shared.outbox import OutboxRelay
 from shared.settings import CommonSettings
-from shared.topics import TopicNames, ensure_topics
+from shared.topics import TopicNames, ensure_topics, topics_without_records
 
 log = logging.getLogger(__name__)
 
@@ -37,22 +41,27 @@ class Runtime:
         self.periodic.append((seconds, job))
 
     async def start(self) -> None:
-        self._tasks.append(asyncio.create_task(self._connect(), name=f"{self.name}-connect"))
-        for seconds, job in self.periodic:
-            self._tasks.append(asyncio.create_task(self._repeat(seconds, job), name=f"{self.name}-periodic"))
+        logs.adopt_foreign_loggers()  # uvicorn installed its handlers after `configure_logging`
+        # Tasks copy the context they are created in: whatever they (and the consumers and the relay
+        # started by `_connect`) log carries the service's name.
+        with logs.log_context(service=self.name):
+            self._tasks.append(asyncio.create_task(self._connect(), name=f"{self.name}-connect"))
+            for seconds, job in self.periodic:
+                self._tasks.append(asyncio.create_task(self._repeat(seconds, job), name=f"{self.name}-periodic"))
 
     async def _connect(self) -> None:
         attempt = 0
         while True:
             try:
-                await ensure_topics(self.settings.kafka_bootstrap_servers, self.names)
+                created = await ensure_topics(self.settings.kafka_bootstrap_servers, self.names)
+                await self._resend_lost(created)
                 await self.broker.start()
                 break
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - keep trying; HTTP keeps working meanwhile
                 attempt += 1
-                log.warning("%s: broker not reachable yet (%s: %s), retrying", self.name, type(exc).__name__, exc)
+                log.warning("%s: broker not reachable yet (%s), retrying", self.name, describe(exc))
                 with contextlib.suppress(Exception):
                     await self.broker.stop()
                 await asyncio.sleep(min(0.5 * 2 ** min(attempt, 5), 15.0))
@@ -61,6 +70,19 @@ class Runtime:
             await job()
         self.connected.set()
         log.info("%s: connected to Kafka at %s", self.name, self.settings.kafka_bootstrap_servers)
+
+    async def _resend_lost(self, created: set[str]) -> None:
+        """Before the relay starts: a topic this service published to that the broker did not have, or
+        has without any record, was lost with the broker (the embedded one forgets everything when it
+        restarts), so the outbox sends its retained rows again. Empty counts too, because every service
+        creates every topic and another one may have been first."""
+        retained = await self.relay.retained_topics()
+        lost = (retained & created) | await topics_without_records(
+            self.settings.kafka_bootstrap_servers, self.names, retained - created)
+        if lost:
+            count = await self.relay.resend(lost)
+            log.warning("%s: the broker lost %s; publishing %d retained event(s) again",
+                        self.name, ", ".join(sorted(lost)), count)
 
     async def _repeat(self, seconds: float, job: Callable[[], Awaitable[None]]) -> None:
         while True:
@@ -84,12 +106,19 @@ class Runtime:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.db.dispose(), 10)
 
-    async def refresh_metrics(self, metrics, dead_letters: list) -> None:
-        metrics.outbox_backlog.set(await self.relay.backlog())
-        metrics.published.set(self.relay.published)
+    async def refresh_metrics(self, metrics: Any, dead_letters: list) -> None:
+        """Before a scrape: consumer lag (from the Kafka clients, no request) and the outbox backlog."""
+        lag: dict[tuple[str, ...], float] = {}
         for dl in dead_letters:
-            metrics.consumed.labels(dl.topic).set(dl.consumed)
-            metrics.dlq.labels(dl.topic).set(dl.count)
+            for partition, behind in (await consumer_lag(dl)).items():
+                lag[(dl.topic, str(partition))] = behind
+        metrics.consumer_lag.set(lag)
+        t = self.relay.infra.outbox
+        async with self.db.sessions() as s:
+            backlog, oldest = (await s.execute(
+                select(func.count(), func.min(t.c.created_at)).where(t.c.published_at.is_(None)))).one()
+        metrics.outbox_backlog.set_value(backlog or 0)
+        metrics.outbox_oldest.set_value(max(0.0, (utcnow() - oldest).total_seconds()) if oldest else 0.0)
 
     async def broker_ready(self) -> None:
         if not self.connected.is_set():
@@ -105,6 +134,8 @@ def add_correlation_ids(app: FastAPI) -> None:
     async def correlation(request: Request, call_next):
         incoming = request.headers.get("x-correlation-id", "")
         request.state.correlation_id = incoming[:64] if incoming.isprintable() and incoming else str(uuid.uuid4())
-        response = await call_next(request)
+        # Every line logged for this request carries the id (shared.logs), as will its events' consumers.
+        with logs.log_context(correlation_id=request.state.correlation_id):
+            response = await call_next(request)
         response.headers["X-Correlation-ID"] = request.state.correlation_id
         return response

@@ -25,55 +25,93 @@ class CommonSettings(BaseSettings):
 
     environment: Literal["dev", "test", "production"] = Field(
         "production", validation_alias=env("BRIDGEPOST_ENV"),
-        description="dev and test allow the built-in development secret; production refuses it",
+        description="`dev` and `test` allow the built-in development secret; `production` refuses to start the "
+                    "subscriptions and events services with it (see `SUBSCRIPTIONS_SECRET_KEY`, "
+                    "`EVENTS_SECRET_KEY`). `bridgepost dev` sets `dev`.",
     )
-    kafka_bootstrap_servers: str = Field("127.0.0.1:9092", validation_alias=env("KAFKA_BOOTSTRAP_SERVERS"))
+    kafka_bootstrap_servers: str = Field(
+        "127.0.0.1:9092", validation_alias=env("KAFKA_BOOTSTRAP_SERVERS"),
+        description="Kafka brokers, `host:port[,host:port…]`. `bridgepost dev` starts an embedded broker unless "
+                    "this is set.",
+    )
     kafka_enable_idempotence: bool = Field(
         True, validation_alias=env("KAFKA_ENABLE_IDEMPOTENCE"),
-        description="Idempotent producer; the embedded dev broker does not support it (dev turns it off)",
+        description="Idempotent producer. The embedded dev broker does not support it, so `bridgepost dev` sets "
+                    "`false`; keep `true` with Apache Kafka.",
     )
     kafka_fetch_max_wait_ms: int = Field(
         500, validation_alias=env("KAFKA_FETCH_MAX_WAIT_MS"),
-        description="Longest a consumer's fetch waits for new messages (lower: less latency, more requests)",
+        description="Longest a consumer's fetch waits for new messages, in milliseconds. Lowering it did not "
+                    "lower latency on the embedded broker (see `bench/README.md`).",
     )
     kafka_consumers_per_topic: int = Field(
         1, ge=1, le=32, validation_alias=env("KAFKA_CONSUMERS_PER_TOPIC"),
-        description="Consumers per topic in one process: partitions are handled in parallel, each in order",
+        description="Consumers per topic in one process (FastStream `max_workers`): partitions are handled in "
+                    "parallel, each in order. Raise it for throughput on Apache Kafka; each is one more group "
+                    "member.",
     )
     kafka_topic_prefix: str = Field(
         "", validation_alias=env("KAFKA_TOPIC_PREFIX"),
-        description="Prefix for every topic name, so several stacks can share one broker",
+        description="Prefix for every topic name (and its `.dlq`), and of every consumer group, so several "
+                    "stacks can share one broker.",
     )
     public_base_url: str = Field(
         "http://127.0.0.1:8001", validation_alias=env("PUBLIC_BASE_URL"),
-        description="Base URL of the public subscription pages; every link in a mail starts with it",
+        description="Base URL of the public subscription pages; every subscription link in a mail (confirm, "
+                    "unsubscribe, preferences) starts with it (never taken from a request's Host header). Must be "
+                    "the same for every service. Links to event pages start with `EVENTS_PUBLIC_URL` instead.",
     )
-    organisation_name: str = Field("bridgepost", validation_alias=env("ORGANISATION_NAME"))
+    organisation_name: str = Field(
+        "bridgepost", validation_alias=env("ORGANISATION_NAME"),
+        description="Organisation name shown on the pages and in mails; also the organiser's name (`CN`) in "
+                    "calendar invitations and the name of the `/events.ics` calendar.",
+    )
     organisation_address: str = Field(
         "Musterstraße 1, 39104 Magdeburg, Deutschland", validation_alias=env("ORGANISATION_ADDRESS"),
-        description="Postal address shown in every mail's footer",
+        description="Postal address shown in every mail's footer (and on the pages). The default is a "
+                    "placeholder.",
     )
-    log_level: str = Field("INFO", validation_alias=env("LOG_LEVEL"))
+    log_level: str = Field(
+        "INFO", validation_alias=env("LOG_LEVEL"),
+        description="Log level of `bridgepost serve` (Kafka client libraries stay at `WARNING`).",
+    )
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto", validation_alias=env("LOG_FORMAT"),
+        description="`json` (one object per line: time, level, logger, service, correlation id, message) or "
+                    "readable `text`; `auto` means JSON when `BRIDGEPOST_ENV=production`, text otherwise. Either "
+                    "way e-mail addresses are masked (`email:` and the first 10 hex digits of their SHA-256 hash).",
+    )
     outbox_poll_seconds: float = Field(
         1.0, validation_alias=env("OUTBOX_POLL_SECONDS"),
-        description="Fallback poll of the outbox; commits wake the relay at once",
+        description="Fallback poll of the outbox, in seconds; a commit wakes the relay at once. The relay's "
+                    "lease lasts `max(10, 5 × this)` seconds.",
     )
     consumer_max_attempts: int = Field(
         3, validation_alias=env("CONSUMER_MAX_ATTEMPTS"),
-        description="Attempts for a message whose handler fails with a non-transient error before DLQ",
+        description="Attempts for a message whose handler fails with a non-transient error before it goes to "
+                    "the DLQ. Transient errors (database or broker away) are retried without limit and never "
+                    "dead-lettered.",
     )
 
 
 class ServiceSettings(CommonSettings):
     """Every service has its own database."""
 
-    database_url: str = "sqlite+aiosqlite:///var/service.db"
+    database_url: str = Field(
+        "sqlite+aiosqlite:///var/service.db",
+        description="SQLAlchemy async URL of the service's own database.",
+    )
 
 
 class SigningSettings(ServiceSettings):
     """A service that signs links (unsubscribe, preferences, cancel a registration) has a secret."""
 
-    secret_key: SecretStr = SecretStr(DEV_SECRET)
+    secret_key: SecretStr = Field(
+        SecretStr(DEV_SECRET),
+        description="Signs the tokens of the links in mails that need no login (subscriptions: unsubscribe and "
+                    "preferences links; events: cancel links of registrations). Required when "
+                    "`BRIDGEPOST_ENV=production`; changing it invalidates the links in mails already sent.",
+    )
 
     @model_validator(mode="after")
     def _no_dev_secret_in_production(self) -> SigningSettings:

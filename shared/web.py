@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlencode
 
 from fastapi import FastAPI, Request, Response
@@ -15,16 +17,24 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
-    Gauge,
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from shared.i18n import Translations
+from shared.logs import log_context
 
 SHARED_TEMPLATES = Path(__file__).with_name("templates")
 MAX_BODY_BYTES = 64 * 1024
+# Probes and scrapes: logged at DEBUG only, or they would drown everything else.
+PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+READY_CHECK_SECONDS = 5.0
+METRICS_REFRESH_SECONDS = 10.0
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("bridgepost.access")
 
 
 def template_environment(*directories: Path) -> Environment:
@@ -105,58 +115,164 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
-class Metrics:
-    """Prometheus metrics of one service, in its own registry (tests run several apps per process)."""
+Samples = Mapping[tuple[str, ...], float]
 
-    def __init__(self, service: str) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter("bridgepost_http_requests_total", "HTTP requests", ["method", "route", "status"],
-                                registry=self.registry)
-        self.latency = Histogram("bridgepost_http_request_seconds", "HTTP request latency", ["route"],
-                                 registry=self.registry)
-        self.consumed = Gauge("bridgepost_messages_consumed_total", "Kafka messages handled by this instance",
-                              ["topic"], registry=self.registry)
-        self.dlq = Gauge("bridgepost_dlq_messages_total", "Messages this instance sent to a DLQ", ["topic"],
-                         registry=self.registry)
-        self.outbox_backlog = Gauge("bridgepost_outbox_backlog", "Outbox rows not yet published",
-                                    registry=self.registry)
-        self.published = Gauge("bridgepost_outbox_published", "Outbox rows published by this instance",
-                               registry=self.registry)
+
+class Family:
+    """One metric family whose samples are read when Prometheus scrapes: from `source` (live counts kept
+    elsewhere, e.g. by a consumer) or from the last `set` (figures a refresh computed, e.g. from a table).
+    Label sets that are gone (a finished campaign, a partition assigned elsewhere) disappear with them."""
+
+    def __init__(self, name: str, documentation: str, labels: Sequence[str] = (),
+                 kind: Literal["gauge", "counter"] = "gauge", source: Callable[[], Samples] | None = None) -> None:
+        self.name, self.documentation, self.labels, self.kind = name, documentation, list(labels), kind
+        self.source = source
+        self.samples: Samples = {}
+
+    def set(self, samples: Samples) -> None:
+        self.samples = dict(samples)
+
+    def set_value(self, value: float) -> None:
+        self.samples = {(): value}
+
+    def _family(self) -> Metric:
+        cls = CounterMetricFamily if self.kind == "counter" else GaugeMetricFamily
+        return cls(self.name, self.documentation, labels=self.labels)
+
+    def describe(self) -> Iterable[Metric]:
+        return [self._family()]
+
+    def collect(self) -> Iterable[Metric]:
+        family = self._family()
+        for labels, value in sorted((self.source() if self.source else self.samples).items()):
+            family.add_metric(list(labels), value)
+        return [family]
+
+
+def _per_topic(consumers: Sequence[Any], count: Callable[[Any], Mapping[str, float]]) -> Samples:
+    samples: dict[tuple[str, ...], float] = {}
+    for consumer in consumers:
+        for extra, n in count(consumer).items():
+            key = (consumer.topic, *((extra,) if extra else ()))
+            samples[key] = samples.get(key, 0) + n
+    return samples
+
+
+class Metrics:
+    """Prometheus metrics of one service, in its own registry (tests run several apps per process).
+
+    Counters of this instance: HTTP requests, Kafka messages handled / failed / dead-lettered per topic
+    (`consumers`: the `shared.kafka.DeadLetters` of the service's consumers), messages the outbox relay
+    published per topic (`relay`). Gauges the refresh before each scrape sets: outbox backlog, consumer
+    lag; services add their own families (`family`), e.g. the mailer's delivery ledgers.
+    """
+
+    def __init__(self, service: str, consumers: Sequence[Any] = (), relay: Any = None) -> None:
         self.service = service
+        self.registry = CollectorRegistry()
+        self.consumers = list(consumers)
+        self.relay = relay
+        self.requests = Counter("bridgepost_http_requests_total", "HTTP requests by method, route template and status",
+                                ["method", "route", "status"], registry=self.registry)
+        self.latency = Histogram("bridgepost_http_request_duration_seconds", "HTTP request latency",
+                                 ["method", "route"], registry=self.registry)
+        self.refresh_failures = Counter("bridgepost_metrics_refresh_failures_total",
+                                        "Scrapes whose refresh (database, Kafka) failed; they show the last values",
+                                        registry=self.registry)
+        self.family("bridgepost_service_info", "The service this process runs", ["service"],
+                    source=lambda: {(service,): 1})
+        self.family("bridgepost_messages_consumed_total",
+                    "Kafka messages handled by this instance (already-processed duplicates included)", ["topic"],
+                    "counter", source=lambda: _per_topic(self.consumers, lambda c: {"": c.consumed}))
+        self.family("bridgepost_messages_duplicate_total",
+                    "Kafka messages this instance skipped as already processed (redelivered or replayed)",
+                    ["topic"], "counter", source=lambda: _per_topic(self.consumers, lambda c: {"": c.duplicates}))
+        self.family("bridgepost_messages_failed_total",
+                    "Failed attempts to handle a Kafka message (reason: transient = database or broker away, "
+                    "retried; error = bad data or a bug, dead-lettered after the last attempt)", ["topic", "reason"],
+                    "counter", source=lambda: _per_topic(
+                        self.consumers, lambda c: {r: c.failed.get(r, 0) for r in ("transient", "error")}))
+        self.family("bridgepost_dlq_messages_total", "Messages this instance sent to a DLQ, by original topic",
+                    ["topic"], "counter", source=lambda: _per_topic(self.consumers, lambda c: {"": c.count}))
+        self.family("bridgepost_messages_published_total", "Outbox rows this instance published to Kafka",
+                    ["topic"], "counter",
+                    source=lambda: {(t,): n for t, n in (relay.published_by_topic.items() if relay else ())})
+        self.outbox_backlog = self.family("bridgepost_outbox_backlog", "Outbox rows not yet published")
+        self.outbox_oldest = self.family("bridgepost_outbox_oldest_unpublished_seconds",
+                                         "Age of the oldest outbox row not yet published (0 when there is none)")
+        self.consumer_lag = self.family(
+            "bridgepost_consumer_lag",
+            "Messages on a partition not yet handed to this instance's consumer (highwater minus position); "
+            "only partitions assigned to this instance that it has fetched from", ["topic", "partition"])
+
+    def family(self, name: str, documentation: str, labels: Sequence[str] = (),
+               kind: Literal["gauge", "counter"] = "gauge", source: Callable[[], Samples] | None = None) -> Family:
+        family = Family(name, documentation, labels, kind, source)
+        self.registry.register(family)
+        return family
 
 
 def add_operational_routes(app: FastAPI, metrics: Metrics, ready_checks: dict[str, Callable],
                            refresh: Callable[[], Awaitable[None]] | None = None) -> None:
-    """/healthz, /readyz (each named check must pass) and /metrics (`refresh` updates gauges first)."""
+    """/healthz, /readyz (each named check must pass) and /metrics (`refresh` updates gauges first).
+
+    Also counts and logs every request (route template, not the path, as the metric label; never the
+    query string, which may hold tokens or addresses) with the service as logging context.
+    """
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
         started = time.perf_counter()
-        response: Response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "other")
-        metrics.requests.labels(request.method, path, str(response.status_code)).inc()
-        metrics.latency.labels(path).observe(time.perf_counter() - started)
-        return response
+        status = 500
+        with log_context(service=metrics.service):
+            try:
+                response: Response = await call_next(request)
+                status = response.status_code
+                return response
+            finally:
+                elapsed = time.perf_counter() - started
+                route = getattr(request.scope.get("route"), "path", "other")
+                metrics.requests.labels(request.method, route, str(status)).inc()
+                metrics.latency.labels(request.method, route).observe(elapsed)
+                access_log.log(logging.DEBUG if route in PROBE_PATHS else logging.INFO,
+                               "%s %s %d %.1fms", request.method, request.url.path, status, elapsed * 1000,
+                               extra={"http": {"method": request.method, "route": route, "status": status,
+                                               "duration_ms": round(elapsed * 1000, 1)}})
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
         return {"status": "ok", "service": metrics.service}
 
+    not_ready: set[str] = set()
+
+    async def check(name: str, probe: Callable[[], Awaitable[None]]) -> str:
+        try:
+            await asyncio.wait_for(probe(), READY_CHECK_SECONDS)
+        except Exception as exc:  # noqa: BLE001 - readiness reports, it does not fail
+            if name not in not_ready:  # log the cause once per outage, not at every probe
+                log.warning("%s not ready: %s unavailable (%s: %s)", metrics.service, name, type(exc).__name__,
+                            exc)
+                not_ready.add(name)
+            return f"unavailable: {type(exc).__name__}"
+        if name in not_ready:
+            log.info("%s: %s available again", metrics.service, name)
+            not_ready.discard(name)
+        return "ok"
+
     @app.get("/readyz", include_in_schema=False)
     async def readyz() -> JSONResponse:
-        results: dict[str, str] = {}
-        for name, check in ready_checks.items():
-            try:
-                await check()
-                results[name] = "ok"
-            except Exception as exc:  # noqa: BLE001 - readiness reports, it does not fail
-                results[name] = f"unavailable: {type(exc).__name__}"
-        ok = all(v == "ok" for v in results.values())
-        return JSONResponse({"status": "ready" if ok else "not ready", "checks": results},
-                            status_code=200 if ok else 503)
+        names = list(ready_checks)
+        outcomes = await asyncio.gather(*(check(name, ready_checks[name]) for name in names))
+        results = dict(zip(names, outcomes, strict=True))
+        failing = [name for name, outcome in results.items() if outcome != "ok"]
+        return JSONResponse({"status": "not ready" if failing else "ready", "checks": results, "failing": failing},
+                            status_code=503 if failing else 200)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics_endpoint() -> Response:
         if refresh is not None:
-            await refresh()
+            try:
+                await asyncio.wait_for(refresh(), METRICS_REFRESH_SECONDS)
+            except Exception as exc:  # noqa: BLE001 - the counters kept in memory are still worth serving
+                metrics.refresh_failures.inc()
+                log.warning("metrics refresh failed, serving the last values: %s: %s", type(exc).__name__, exc)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -170,12 +170,15 @@ def test_dlq_error_text_holds_no_message_content() -> None:
 
 
 async def test_health_readiness_and_metrics(stack: Stack) -> None:
-    for client in (stack.subscriptions, stack.mailer):
+    # (tests/test_observability.py has the metrics in detail, the logs, and readiness during outages)
+    for client in (stack.subscriptions, stack.mailer, stack.events):
         assert (await client.get("/healthz")).status_code == 200
         ready = await client.get("/readyz")
         assert ready.status_code == 200 and ready.json()["checks"] == {"database": "ok", "broker": "ok"}
+        assert ready.json()["failing"] == []
         metrics = await client.get("/metrics")
         assert metrics.status_code == 200
         assert "bridgepost_outbox_backlog" in metrics.text and "bridgepost_http_requests_total" in metrics.text
+        assert "bridgepost_messages_published_total" in metrics.text
     text = (await stack.mailer.get("/metrics")).text
     assert f'bridgepost_messages_consumed_total{{topic="{topics.SUBSCRIBER}"}}' in text

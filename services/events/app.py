@@ -35,7 +35,7 @@ def create_app(settings: EventsSettings) -> FastAPI:
     runtime = Runtime("events", settings, db, broker, names, relay)
     # The reminder scheduler: every instance runs it; a conditional update makes each reminder once.
     runtime.every(settings.scheduler_interval_seconds, events.emit_due_reminders)
-    metrics = Metrics("events")
+    metrics = Metrics("events", relay=relay)
 
     async def listing(region: str | None = None, topic: str | None = None, kind: str | None = None,
                       include_past: bool = False) -> list:

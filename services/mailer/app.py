@@ -11,6 +11,7 @@ from services.mailer import api, store
 from services.mailer.campaigns import Campaigns
 from services.mailer.eventmail import EventMail
 from services.mailer.handlers import register_handlers
+from services.mailer.metrics import MailMetrics
 from services.mailer.render import MailRenderer
 from services.mailer.sending import Sender
 from services.mailer.settings import MailerSettings
@@ -19,6 +20,7 @@ from services.mailer.transactional import TransactionalMail
 from shared.db import Database
 from shared.i18n import load_translations
 from shared.kafka import create_broker
+from shared.logs import log_context
 from shared.outbox import OutboxRelay
 from shared.runtime import Runtime, add_correlation_ids
 from shared.topics import TopicNames
@@ -44,11 +46,17 @@ def create_app(settings: MailerSettings) -> FastAPI:
     dead_letters = register_handlers(broker, settings, names, transactional, event_mail, campaigns)
     runtime = Runtime("mailer", settings, db, broker, names, relay)
     runtime.every(1.0, campaigns.sweep)
-    metrics = Metrics("mailer")
+    metrics = Metrics("mailer", consumers=dead_letters, relay=relay)
+    mail_metrics = MailMetrics(db, metrics)
+
+    async def refresh_metrics() -> None:
+        await runtime.refresh_metrics(metrics, dead_letters)
+        await mail_metrics.refresh()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        sender.start()  # mail already in the ledger goes out even while Kafka is away
+        with log_context(service="mailer"):  # what the sending loop logs says where it comes from
+            sender.start()  # mail already in the ledger goes out even while Kafka is away
         await runtime.start()
         yield
         await sender.stop()
@@ -66,7 +74,7 @@ def create_app(settings: MailerSettings) -> FastAPI:
     app.state.campaigns = campaigns
     app.include_router(api.router)
     add_operational_routes(app, metrics, {"database": db.ping, "broker": runtime.broker_ready},
-                           refresh=lambda: runtime.refresh_metrics(metrics, dead_letters))
+                           refresh=refresh_metrics)
     add_correlation_ids(app)
     app.add_middleware(BodyLimit)
     return app

@@ -26,14 +26,16 @@ from jinja2 import Template, nodes
 from markupsafe import Markup, escape
 
 from services.mailer.render import POLICY, MailRenderer, Recipient, safe_header
-from services.mailer.staff_text import expression, split
+from services.mailer.staff_text import PLACEHOLDERS, expression, split
 from shared.db import utcnow
 
 LINKS = ("unsubscribe_url", "preferences_url")
 
 
 def _base64(text: str) -> bytes:
-    return base64.encodebytes(text.encode("utf-8")).replace(b"\n", b"\r\n")
+    """UTF-8, base64 in lines of 76 (RFC 2045), each ending in CRLF."""
+    encoded = base64.b64encode(text.encode("utf-8"))
+    return b"\r\n".join([encoded[i:i + 76] for i in range(0, len(encoded), 76)]) + b"\r\n"
 
 
 def _crlf(text: str) -> str:
@@ -65,14 +67,16 @@ class Skeleton:
         self.renderer, self.language = renderer, language
         token = secrets.token_hex(5)
         self._marker = f"bp{token}m"
-        self._expressions: list[Template] = []
-        seen: dict[str, int] = {}
+        self._expressions: list[tuple[str, Template | str]] = []  # (marker name, template or plain name)
+        seen: dict[str, str] = {}
 
         def mark(node: nodes.Expr) -> str:
             key = repr(node)
             if key not in seen:
-                seen[key] = len(self._expressions)
-                self._expressions.append(expression(node))
+                seen[key] = str(len(self._expressions))
+                # `{{ name }}` is looked up; anything else (filters, constants) is evaluated by Jinja
+                self._expressions.append((seen[key], node.name if isinstance(node, nodes.Name) and node.name in
+                                          PLACEHOLDERS else expression(node)))
             return f"{self._marker}{seen[key]}x"
 
         subject = split(subject_source, mark)
@@ -162,7 +166,8 @@ class Skeleton:
         links = renderer.manage_links(manage_token, self.lang)
         values: dict[str, Any] = {"name": name or "", "email": email, "organisation": renderer.organisation,
                                   **links}
-        text_values = {str(i): template.render(values) for i, template in enumerate(self._expressions)}
+        text_values = {key: values[how] if isinstance(how, str) else how.render(values)
+                       for key, how in self._expressions}
         text_values.update(links)
         html_values = {key: str(escape(value)) for key, value in text_values.items()}
         subject = self._fill(self._subject, text_values)

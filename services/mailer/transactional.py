@@ -106,6 +106,8 @@ class TransactionalMail:
         await self._upsert(s, event.subscriber_id, email=event.email, name=event.name, language=event.language,
                            topics=event.topics, regions=event.regions, audience=event.audience,
                            groups=event.groups, status="active", manage_token=event.manage_token)
+        if not event.welcome:  # imported with proof of consent: in the audience, not greeted
+            return
         lang = event.language
         rendered = self.renderer.render(
             "welcome", Recipient(event.email, event.name, lang), "mail.welcome.subject",

@@ -9,10 +9,9 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from services.subscriptions import api, pages, store
-from services.subscriptions.domain import ManageLinks
 from services.subscriptions.handlers import register_handlers
 from services.subscriptions.settings import SubscriptionsSettings
-from services.subscriptions.usecases import Subscriptions
+from services.subscriptions.usecases import build_subscriptions
 from shared.db import Database
 from shared.i18n import load_translations
 from shared.kafka import create_broker
@@ -32,12 +31,11 @@ def create_app(settings: SubscriptionsSettings) -> FastAPI:
     broker = create_broker(settings, "subscriptions")
     relay = OutboxRelay(db, store.infra, broker, names, settings.outbox_poll_seconds)
     db.on_commit("outbox", relay.notify)
-    subscriptions = Subscriptions(db, settings, ManageLinks(settings.secret_key.get_secret_value()),
-                                  consent_text=lambda lang: translations.gettext(lang, "subscribe.consent"))
+    subscriptions = build_subscriptions(db, settings)
     dead_letters = register_handlers(broker, settings, TopicNames(settings.kafka_topic_prefix), subscriptions)
     runtime = Runtime("subscriptions", settings, db, broker, names, relay)
     runtime.every(600, subscriptions.prune_rate_limits)
-    metrics = Metrics("subscriptions")
+    metrics = Metrics("subscriptions", consumers=dead_letters, relay=relay)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -12,7 +12,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import ValidationError
 
 from services.subscriptions.domain import Preferences, SignupRequest
-from services.subscriptions.usecases import RateLimited, RequestContext, Subscriptions
+from services.subscriptions.usecases import TRUSTED_SOURCES, RateLimited, RequestContext, Subscriptions
 from shared.web import Pages, client_ip
 
 router = APIRouter()
@@ -86,7 +86,9 @@ async def subscribe_submit(request: Request) -> HTMLResponse:
         return pages.render(request, "subscribe.html", lang, status_code=422, form=data,
                             errors=field_errors(exc, pages, lang), source=str(data.get("source", "form"))[:64])
     try:
-        await subscriptions.request_subscription(signup, _ctx(request, str(data.get("source") or "form")[:64]))
+        source = str(data.get("source") or "form")[:64]
+        # The form's source is only a label; the sources gated elsewhere skip the per-IP limit.
+        await subscriptions.request_subscription(signup, _ctx(request, "form" if source in TRUSTED_SOURCES else source))
     except RateLimited as exc:
         response = _message(request, pages, lang, "subscribe.limited", status_code=429)
         response.headers["Retry-After"] = str(exc.retry_after)

@@ -9,7 +9,7 @@ import logging
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.subscriptions import store
 from services.subscriptions.domain import (
+    ImportedSubscriber,
     ManageLinks,
     Preferences,
     SignupRequest,
@@ -63,6 +64,15 @@ class ConfirmResult:
     subscriber_id: str | None = None
 
 
+@dataclass(frozen=True)
+class ImportOutcome:
+    """What an import did with one subscriber: made it `active`, asked for a `confirmation`, or `skipped` it."""
+
+    result: Literal["active", "confirmation", "skipped"]
+    reason: str = ""
+    groups_added: bool = False
+
+
 class Subscriptions:
     def __init__(self, db: Database, settings: SubscriptionsSettings, links: ManageLinks, consent_text) -> None:
         self.db, self.settings, self.links = db, settings, links
@@ -104,25 +114,27 @@ class Subscriptions:
     # --- sign-up ---------------------------------------------------------------------------------
 
     async def request_subscription(self, req: SignupRequest, ctx: RequestContext,
-                                   processed_event: tuple[str, Any] | None = None) -> None:
+                                   processed_event: tuple[str, Any] | None = None,
+                                   groups: list[str] | None = None, audience: str | None = None) -> bool:
         """Accept a sign-up. The caller answers the same whatever happens here (no enumeration).
 
         `processed_event` (consumer, event id) marks a Kafka event as handled in the same transaction.
+        `groups` and `audience` (staff imports only) are given to a subscriber this creates.
+        Returns whether a confirmation mail was asked for (False: suppressed, limit reached, a bot).
         """
         if req.website:  # honeypot filled in: a bot. Same answer, nothing stored.
             log.info("honeypot sign-up ignored (source %s)", ctx.source)
-            return
+            return False
         for attempt in range(2):
             try:
-                await self._request(req, ctx, processed_event)
-                return
+                return await self._request(req, ctx, processed_event, groups or [], audience)
             except IntegrityError:
                 if attempt:  # the concurrent insert of the same new address won twice: give up quietly
                     raise
                 # Two requests for one new address raced on the unique index: now it is known.
 
     async def _request(self, req: SignupRequest, ctx: RequestContext,
-                       processed_event: tuple[str, Any] | None) -> None:
+                       processed_event: tuple[str, Any] | None, groups: list[str], audience: str | None) -> bool:
         now = utcnow()
         digest = email_hash(req.email)
         async with self.db.transaction() as s:
@@ -135,19 +147,20 @@ class Subscriptions:
                 await self._hit(s, f"ip:{ctx.ip}")
             if await s.scalar(select(store.suppressions.c.reason).where(store.suppressions.c.email_hash == digest)):
                 log.info("sign-up for a suppressed address %s… ignored", digest[:10])
-                return
+                return False
             row = (await s.execute(select(s_).where(s_.c.email == req.email).with_for_update())).first()
             if await self._hits(s, f"addr:{digest}", timedelta(days=1)) >= \
                     self.settings.confirmations_per_address_per_day:
                 log.info("confirmation limit reached for %s…", digest[:10])
-                return
+                return False
             await self._hit(s, f"addr:{digest}")
             prefs = dict(language=req.language, topics=req.topics, regions=req.regions)
             requested_profile = None
             if row is None:
                 subscriber_id = str(uuid.uuid4())
                 await s.execute(insert(s_).values(
-                    id=subscriber_id, email=req.email, name=req.name, audience="public", groups=[],
+                    id=subscriber_id, email=req.email, name=req.name,
+                    audience=audience or ("partner" if groups else "public"), groups=groups,
                     status="pending", hard_bounces=0, created_at=now, updated_at=now, **prefs))
                 profile = dict(subscriber_id=subscriber_id, email=req.email, name=req.name, **prefs)
             elif row.status == "active":
@@ -165,11 +178,13 @@ class Subscriptions:
             await s.execute(insert(store.confirmation_tokens).values(
                 token_hash=token_hash(raw), subscriber_id=subscriber_id, created_at=now, expires_at=expires,
                 requested_profile=requested_profile))
-            await self._consent(s, subscriber_id, "requested", ctx, req.language, with_text=True,
+            # An imported address never saw the form's consent text: its consent is the confirmation.
+            await self._consent(s, subscriber_id, "requested", ctx, req.language, with_text=ctx.source != "import",
                                 topics=req.topics, regions=req.regions)
             await self._emit(s, subscriber_id, messages.SubscriptionRequested(
                 **profile, confirm_token=raw, expires_at=expires, manage_token=self.links.token(subscriber_id)),
                 ctx.correlation_id)
+            return True
 
     async def token_language(self, token: str | None) -> tuple[str, str | None]:
         """(state, language) of a confirmation token, for the GET page; changes nothing."""
@@ -285,6 +300,78 @@ class Subscriptions:
         await self._consent(s, row.id, "erased", ctx)
         await self._emit(s, row.id, messages.SubscriberErased(subscriber_id=row.id), ctx.correlation_id)
 
+    # --- staff imports ---------------------------------------------------------------------------
+
+    async def import_subscriber(self, sub: ImportedSubscriber, ctx: RequestContext) -> ImportOutcome:
+        """One subscriber of a staff import: active at once with proof of consent, else the double opt-in.
+
+        Importing again changes nothing: an address that is active or has an open confirmation link is
+        left alone (only partner groups from the file are added). Suppressed, erased and unsubscribed
+        addresses are never brought back by an import; they can sign up again themselves.
+        """
+        now = utcnow()
+        added = False
+        async with self.db.transaction() as s:
+            if await s.scalar(select(store.suppressions.c.reason)
+                              .where(store.suppressions.c.email_hash == email_hash(sub.email))):
+                return ImportOutcome("skipped", "suppressed or erased")
+            row = (await s.execute(select(s_).where(s_.c.email == sub.email).with_for_update())).first()
+            if row is None and sub.has_proof:
+                subscriber_id = str(uuid.uuid4())
+                await s.execute(insert(s_).values(
+                    id=subscriber_id, email=sub.email, name=sub.name, language=sub.language, topics=sub.topics,
+                    regions=sub.regions, audience=sub.audience or ("partner" if sub.groups else "public"),
+                    groups=sub.groups, status="active", hard_bounces=0, created_at=now, updated_at=now,
+                    confirmed_at=sub.consent_at))
+                await self._imported_consent(s, subscriber_id, sub, ctx)
+                return ImportOutcome("active")
+            if row is not None:
+                if row.status == "unsubscribed":
+                    return ImportOutcome("skipped", "unsubscribed")
+                if row.status in ("suppressed", "erased"):
+                    return ImportOutcome("skipped", "suppressed or erased")
+                groups = list(dict.fromkeys([*row.groups, *sub.groups]))
+                audience = sub.audience or ("partner" if groups else row.audience)
+                added = (groups, audience) != (list(row.groups), row.audience)
+                if row.status == "pending" and sub.has_proof:
+                    # The proof confirms what the file says; open confirmation links are no longer needed.
+                    await s.execute(update(store.confirmation_tokens).where(
+                        store.confirmation_tokens.c.subscriber_id == row.id,
+                        store.confirmation_tokens.c.used_at.is_(None)).values(used_at=now))
+                    await s.execute(update(s_).where(s_.c.id == row.id).values(
+                        name=sub.name or row.name, language=sub.language, topics=sub.topics, regions=sub.regions,
+                        audience=audience, groups=groups, status="active", confirmed_at=sub.consent_at,
+                        updated_at=now))
+                    await self._imported_consent(s, row.id, sub, ctx)
+                    return ImportOutcome("active", groups_added=added)
+                if added:
+                    await self.set_groups(s, row, audience, groups)
+                if row.status == "active":
+                    return ImportOutcome("skipped", "already active", added)
+                t = store.confirmation_tokens
+                if await s.scalar(select(func.count()).select_from(t).where(
+                        t.c.subscriber_id == row.id, t.c.used_at.is_(None), t.c.expires_at > now)):
+                    return ImportOutcome("skipped", "confirmation pending", added)
+        # No proof: the same double opt-in as a sign-up on the form (and its per-address limit).
+        if await self.request_subscription(sub, ctx, groups=sub.groups, audience=sub.audience):
+            return ImportOutcome("confirmation", groups_added=added)
+        return ImportOutcome("skipped", "confirmation limit reached", added)
+
+    async def _imported_consent(self, s: AsyncSession, subscriber_id: str, sub: ImportedSubscriber,
+                                ctx: RequestContext) -> None:
+        """The file's proof of consent into the consent log (at the time it was given), and the subscriber
+        to the mailer's audience."""
+        assert sub.consent_at is not None
+        await s.execute(insert(store.consent_log).values(
+            subscriber_id=subscriber_id, action="imported", occurred_at=sub.consent_at, ip=sub.consent_ip,
+            user_agent=None, source=ctx.source, consent_text_version=sub.consent_text_version, consent_text=None,
+            language=sub.language, details={"consent_source": sub.consent_source, "imported_at": utcnow().isoformat(),
+                                            "topics": sub.topics, "regions": sub.regions}))
+        row = (await s.execute(select(s_).where(s_.c.id == subscriber_id))).one()
+        await self._emit(s, row.id, messages.SubscriptionConfirmed(
+            **self._profile(row), audience=row.audience, groups=list(row.groups), confirmed_at=sub.consent_at,
+            manage_token=self.links.token(row.id), welcome=False), ctx.correlation_id)
+
     # --- deliveries (from the mailer) ------------------------------------------------------------
 
     async def record_delivery(self, event: messages.MailSent | messages.MailFailed | messages.MailBounced,
@@ -328,3 +415,11 @@ class Subscriptions:
         async with self.db.transaction() as s:
             cutoff = utcnow() - timedelta(days=1)
             await s.execute(delete(store.rate_limit_hits).where(store.rate_limit_hits.c.at < cutoff))
+
+
+def build_subscriptions(db: Database, settings: SubscriptionsSettings) -> Subscriptions:
+    """The use cases wired from settings, for the app and for the command line alike."""
+    from shared.i18n import load_translations
+    translations = load_translations()
+    return Subscriptions(db, settings, ManageLinks(settings.secret_key.get_secret_value()),
+                         consent_text=lambda lang: translations.gettext(lang, "subscribe.consent"))
