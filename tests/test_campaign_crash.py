@@ -40,7 +40,7 @@ async def seed_audience(stack: Stack, region: str, n: int) -> list[str]:
         r = await stack.mailer.post("/api/v1/segments/count", json={"segment": {"regions": [region]}},
                                     headers=stack.staff(EDITOR_KEY))
         return r.json()["count"] == n
-    await stack.until(projected, timeout=60, what="the seeded audience in the projection")
+    await stack.until(projected, timeout=120, what="the seeded audience in the projection")
     return emails
 
 

@@ -116,3 +116,49 @@ async def test_untrusted_certificate_is_refused(ca) -> None:
         assert keep.received == []
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_pipelined_sessions_keep_each_transaction_apart(pipelining: bool) -> None:
+    """Envelopes sent ahead with the previous content (RFC 2920) and refusals in between: every mail
+    reaches exactly its recipient, a refused one is reported for itself, and the session stays usable."""
+    from services.mailer.smtp import wire_format
+    from tests.smtp_sink import SmtpSink
+
+    sink = SmtpSink()
+    sink.pipelining = pipelining
+    sink.permanent["refused@example.org"] = "550 5.1.1 no such user"
+    await sink.start()
+    try:
+        pool = SmtpPool(MailerSettings(environment="test", smtp_host="127.0.0.1", smtp_port=sink.port,
+                                       smtp_timeout_seconds=5, smtp_pool_size=1))
+        rcpts = ["a@example.org", "refused@example.org", "b@example.org", "c@example.org"]
+        data = [wire_format(f"Subject: to {r}\r\n\r\n.leading dot\r\nbody\r\n".encode()) for r in rcpts]
+        outcomes = []
+        async with pool.connection() as session:
+            assert session.pipelining is pipelining
+            for i, rcpt in enumerate(rcpts):
+                then = ("news@example.org", rcpts[i + 1]) if i + 1 < len(rcpts) else None
+                try:
+                    await session.send("news@example.org", rcpt, data[i], then=then)
+                    outcomes.append("sent")
+                except aiosmtplib.SMTPResponseException as exc:
+                    outcomes.append(exc.code)
+            assert session.is_open
+        assert outcomes == ["sent", 550, "sent", "sent"]
+        for rcpt in ("a@example.org", "b@example.org", "c@example.org"):
+            (msg,) = sink.to(rcpt)
+            assert msg["Subject"] == f"to {rcpt}" and ".leading dot" in msg.get_content()
+        assert sink.to("refused@example.org") == []
+        # An envelope sent ahead but never followed by its mail: the session is not reused.
+        async with pool.connection() as session:
+            await session.send("news@example.org", "a@example.org", data[0], then=("news@example.org", "x@example.org"))
+            ahead = session
+        assert not ahead.is_open or not pipelining
+        async with pool.connection() as session:
+            assert session is not ahead or not pipelining
+            await session.send("news@example.org", "c@example.org", data[3])
+        assert len(sink.to("c@example.org")) == 2 and sink.to("x@example.org") == []
+        await pool.close()
+    finally:
+        await sink.stop()

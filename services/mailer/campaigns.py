@@ -17,6 +17,7 @@ import asyncio
 import logging
 import uuid
 from collections import defaultdict
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from email.utils import parseaddr
 from typing import Any
@@ -33,7 +34,7 @@ from services.mailer.render import MailRenderer, Recipient, Rendered
 from services.mailer.segments import matches, member
 from services.mailer.sending import RateLimiter
 from services.mailer.settings import MailerSettings
-from services.mailer.smtp import SmtpPool
+from services.mailer.smtp import Session, SmtpPool
 from services.mailer.staff_text import NotSplittable, render_html, render_text
 from shared import ics, messages, topics
 from shared.db import Database, utcnow
@@ -45,6 +46,19 @@ d_ = store.campaign_deliveries
 a_ = store.audience
 UNFINISHED = ("pending", "claimed", "sending", "retry")
 COUNT_NAMES = {"retry": "retrying"}
+
+
+@dataclass
+class Outcome:
+    """What happened to one group of campaign mails, recorded in one transaction."""
+
+    sent: list[tuple[Any, str]] = field(default_factory=list)  # (row, Message-ID)
+    failed: list[tuple[Any, int | None, str]] = field(default_factory=list)  # (row, SMTP code, error)
+    settled: list[tuple[Any, str, str | None]] = field(default_factory=list)  # (row, final status, note)
+    unsent: list = field(default_factory=list)  # not tried: the connection broke before them
+
+    def __bool__(self) -> bool:
+        return bool(self.sent or self.failed or self.settled or self.unsent)
 
 
 class CampaignStateError(Exception):
@@ -218,90 +232,80 @@ class Campaigns:
 
     async def handle_job(self, job: messages.CampaignBatch, correlation_id: str | None) -> None:
         """Send one batch; returns when it is done, or at once while the campaign is not sending."""
-        chunk = self.pool.size * self.settings.campaign_handover_size
-        while True:
-            async with self.db.sessions() as s:
-                status = await s.scalar(select(c_.c.status).where(c_.c.id == job.campaign_id))
-            if status != "sending":
-                return
-            rows = await self._claim(and_(d_.c.campaign_id == job.campaign_id, d_.c.batch == job.batch,
-                                          d_.c.status == "pending"), chunk)
-            if not rows:
-                return
-            await self._send_rows(rows)
+        await self._drain(and_(d_.c.campaign_id == job.campaign_id, d_.c.batch == job.batch,
+                               d_.c.status == "pending"))
 
-    async def _claim(self, where, limit: int) -> list:
-        claim = f"{self.instance}:{uuid.uuid4().hex[:12]}"
-        now = utcnow()
-        async with self.db.transaction() as s:
-            pick = select(d_.c.campaign_id, d_.c.subscriber_id).where(where).limit(limit)
-            if self.db.engine.dialect.name == "postgresql":  # instances claim different rows, no waiting
-                pick = pick.with_for_update(skip_locked=True)
-            chosen: dict[str, list[str]] = defaultdict(list)
-            for r in (await s.execute(pick)).all():
-                chosen[r.campaign_id].append(r.subscriber_id)
-            if not chosen:
-                return []
-            for campaign_id, subscriber_ids in chosen.items():
-                # `where` again: a row another instance claimed meanwhile is not taken twice.
-                await s.execute(update(d_).where(d_.c.campaign_id == campaign_id,
-                                                 d_.c.subscriber_id.in_(subscriber_ids), where)
-                                .values(status="claimed", claimed_by=claim, claimed_at=now))
-            return (await s.execute(
-                select(d_, a_.c.email, a_.c.name, a_.c.language, a_.c.manage_token, a_.c.regions, a_.c.topics,
-                       a_.c.status.label("audience"))
-                .outerjoin(a_, a_.c.subscriber_id == d_.c.subscriber_id)
-                .where(d_.c.claimed_by == claim, d_.c.status == "claimed"))).all()
-
-    async def _send_rows(self, rows: list) -> None:
-        """Send claimed rows: each SMTP connection takes a group of them (`campaign_handover_size`)."""
+    async def _drain(self, where) -> None:
+        """Every connection of the pool takes groups of the rows `where` selects until none are left."""
         campaigns: dict[str, Any] = {}
-        async with self.db.sessions() as s:
-            for cid in {r.campaign_id for r in rows}:
-                campaigns[cid] = (await s.execute(select(c_).where(c_.c.id == cid))).first()
-        gone = [r for r in rows if r.audience != "active" or not r.email or not r.manage_token]
-        if gone:  # unsubscribed, suppressed or erased since the campaign started: not mailed
-            await self._set(gone, status="skipped")
-        rows = [r for r in rows if r.audience == "active" and r.email and r.manage_token]
+        async with asyncio.TaskGroup() as workers:  # one fails: the others stop too (the job is retried)
+            for _ in range(self.pool.size):
+                workers.create_task(self._connection_worker(where, campaigns))
+
+    async def _connection_worker(self, where, campaigns: dict[str, Any]) -> None:
+        """One SMTP connection's loop: in one transaction, record the last group's answers and take the
+        next group (`sending`, committed: with the connection in hand); then send that group."""
         size = self.settings.campaign_handover_size
-        await asyncio.gather(*(self._send_group(campaigns, rows[i:i + size]) for i in range(0, len(rows), size)))
+        outcome = Outcome()
+        try:
+            async with self.pool.connection() as session:
+                while True:
+                    async with self.db.transaction() as s:
+                        await self._record(s, outcome)
+                        outcome = Outcome()
+                        rows = await self._take(s, where, size, "sending") if session.is_open else []
+                    if not rows:
+                        return
+                    await self._load_campaigns(rows, campaigns)
+                    outcome = await self._send_group(session, rows, campaigns)
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            # No connection: the next group is not handed over but counted as a failed attempt (retried
+            # with backoff by the sweep), so a relay that is down does not stall the batch for ever.
+            async with self.db.transaction() as s:
+                await self._record(s, outcome)
+                outcome = Outcome()
+                rows = await self._take(s, where, size, "claimed")
+                for row in rows:
+                    await self._failed(s, row, None, f"{type(exc).__name__}: {exc}")
+        finally:
+            if outcome:  # cancelled mid-group: what was answered is still recorded
+                async with self.db.transaction() as s:
+                    await self._record(s, outcome)
+
+    async def _take(self, s: AsyncSession, where, limit: int, status: str) -> list:
+        """Claim up to `limit` rows of sending campaigns (as `status`) and return them with the recipients."""
+        claim = f"{self.instance}:{uuid.uuid4().hex[:12]}"
+        sending = select(c_.c.id).where(c_.c.status == "sending").scalar_subquery()
+        pick = select(d_.c.campaign_id, d_.c.subscriber_id).where(where, d_.c.campaign_id.in_(sending)).limit(limit)
+        if self.db.engine.dialect.name == "postgresql":  # instances claim different rows, no waiting
+            pick = pick.with_for_update(skip_locked=True)
+        chosen: dict[str, list[str]] = defaultdict(list)
+        for r in (await s.execute(pick)).all():
+            chosen[r.campaign_id].append(r.subscriber_id)
+        if not chosen:
+            return []
+        now = utcnow()
+        for campaign_id, subscriber_ids in chosen.items():
+            # `where` again: a row another instance claimed meanwhile is not taken twice.
+            await s.execute(update(d_).where(d_.c.campaign_id == campaign_id,
+                                             d_.c.subscriber_id.in_(subscriber_ids), where)
+                            .values(status=status, claimed_by=claim, claimed_at=now))
+        return (await s.execute(
+            select(d_.c.campaign_id, d_.c.subscriber_id, d_.c.claimed_by, d_.c.attempts, a_.c.email, a_.c.name,
+                   a_.c.language, a_.c.manage_token, a_.c.regions, a_.c.topics, a_.c.status.label("audience"))
+            .outerjoin(a_, a_.c.subscriber_id == d_.c.subscriber_id)
+            .where(d_.c.claimed_by == claim, d_.c.status == status))).all()
+
+    async def _load_campaigns(self, rows: list, campaigns: dict[str, Any]) -> None:
+        missing = {r.campaign_id for r in rows} - campaigns.keys()
+        if missing:
+            async with self.db.sessions() as s:
+                for row in (await s.execute(select(c_).where(c_.c.id.in_(missing)))).all():
+                    campaigns[row.id] = row
 
     def _mine(self, row):
         return and_(d_.c.campaign_id == row.campaign_id, d_.c.subscriber_id == row.subscriber_id,
                     d_.c.claimed_by == row.claimed_by, d_.c.status.in_(("claimed", "sending", "ambiguous")))
-
-    async def _set(self, rows: list, **values: Any) -> None:
-        """One UPDATE per claim for all `rows` (guarded by the claim, as `_mine`)."""
-        by_claim: dict[tuple[str, str], list[str]] = defaultdict(list)
-        for row in rows:
-            by_claim[(row.campaign_id, row.claimed_by)].append(row.subscriber_id)
-        async with self.db.transaction() as s:
-            for (campaign_id, claim), ids in by_claim.items():
-                await s.execute(update(d_).where(
-                    d_.c.campaign_id == campaign_id, d_.c.claimed_by == claim, d_.c.subscriber_id.in_(ids),
-                    d_.c.status.in_(("claimed", "sending", "ambiguous"))).values(**values))
-
-    async def _hand_over(self, rows: list) -> list:
-        """With an SMTP connection in hand: `rows` become `sending` (committed); from here on a crash
-        leaves them ambiguous. Returns the rows still ours (not cancelled or reclaimed meanwhile)."""
-        by_claim: dict[tuple[str, str], list] = defaultdict(list)
-        for row in rows:
-            by_claim[(row.campaign_id, row.claimed_by)].append(row)
-        ours = []
-        now = utcnow()
-        async with self.db.transaction() as s:
-            for (campaign_id, claim), group in by_claim.items():
-                ids = [r.subscriber_id for r in group]
-                mine = and_(d_.c.campaign_id == campaign_id, d_.c.claimed_by == claim, d_.c.subscriber_id.in_(ids))
-                handed = await s.execute(update(d_).where(mine, d_.c.status == "claimed")
-                                         .values(status="sending", claimed_at=now))
-                if handed.rowcount == len(ids):
-                    ours += group
-                else:
-                    sending = set((await s.scalars(select(d_.c.subscriber_id).where(
-                        mine, d_.c.status == "sending", d_.c.claimed_at == now))).all())
-                    ours += [r for r in group if r.subscriber_id in sending]
-        return ours
 
     def _message(self, campaign, row, attachments) -> tuple[bytes | Any, str]:
         """The recipient's mail: composed from the language's skeleton, or rendered in full."""
@@ -327,86 +331,81 @@ class Campaigns:
                 self._skeletons[key] = None
         return self._skeletons[key]
 
-    async def _send_group(self, campaigns: dict[str, Any], rows: list) -> None:
-        if not rows:
-            return
-        sent: list[tuple[Any, str]] = []
-        failed: list[tuple[Any, int | None, str]] = []
-        unsent: list = []
-        handed: list = []
-        try:
-            async with self.pool.connection() as session:
-                rows = handed = await self._hand_over(rows)
-                for index, row in enumerate(rows):
-                    campaign = campaigns[row.campaign_id]
-                    await self.limiter.wait()
-                    await self._domain_limits[row.email.rpartition("@")[2]].wait()
-                    self.in_flight += 1
-                    try:
-                        body = None
-                        if campaign.kind == "digest":
-                            body = await self._digest_body(row)
-                            if body is None:  # nothing for them any more: no empty digest
-                                await self._set([row], status="skipped")
-                                continue
-                        attachments = await self._attachments(campaign, row.language)
-                        try:
-                            if body is None:
-                                message, message_id = self._message(campaign, row, attachments)
-                            else:
-                                rendered = self.render_for(campaign, row.email, row.name, row.language,
-                                                           row.manage_token, attachments, body=body)
-                                message, message_id = rendered.message, rendered.message_id
-                        except ValueError as exc:  # e.g. a name with a line break: this mail cannot be written
-                            await self._set([row], status="failed", last_error=f"not sent: {exc}"[:480])
-                            continue
-                        await session.send(self.envelope_from, row.email, self.pool.prepare(message))
-                    except aiosmtplib.SMTPResponseException as exc:
-                        failed.append((row, exc.code, exc.message))
-                    except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-                        if session.content_sent:  # handed over, answer lost: counted, never resent
-                            await self._set([row], status="ambiguous")
-                        else:
-                            failed.append((row, None, f"{type(exc).__name__}: {exc}"))
-                        unsent = rows[index + 1:]  # the connection is gone: the rest go back, untried
-                        break
-                    else:
-                        sent.append((row, message_id))
-                    finally:
-                        self.in_flight -= 1
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:  # no connection: nothing went out
-            if handed:
-                raise
-            failed += [(row, None, f"{type(exc).__name__}: {exc}") for row in rows]
-        await self._record(sent, failed, unsent)
+    async def _send_group(self, session: Session, rows: list, campaigns: dict[str, Any]) -> Outcome:
+        """Send the rows over `session`, in order; stops at the first broken connection."""
+        outcome = Outcome()
+        ready: list[tuple[Any, bytes, str]] = []  # (row, wire bytes, Message-ID), all written before sending
+        for row in rows:
+            if row.audience != "active" or not row.email or not row.manage_token:
+                # Unsubscribed, suppressed or erased since the campaign started: not mailed.
+                outcome.settled.append((row, "skipped", None))
+                continue
+            try:
+                message, message_id = await self._compose(campaigns[row.campaign_id], row)
+            except ValueError as exc:  # e.g. a name with a line break: this mail cannot be written
+                outcome.settled.append((row, "failed", f"not sent: {exc}"[:480]))
+                continue
+            if message is None:  # a digest with nothing in it for them any more: no empty digest
+                outcome.settled.append((row, "skipped", None))
+                continue
+            ready.append((row, self.pool.prepare(message, wire_ready=isinstance(message, bytes)), message_id))
+        for index, (row, data, message_id) in enumerate(ready):
+            await self.limiter.wait()
+            await self._domain_limits[row.email.rpartition("@")[2]].wait()
+            # The next mail's envelope rides with this one's content (one write, one round trip each),
+            # unless a rate limit spaces them out.
+            then = (self.envelope_from, ready[index + 1][0].email) \
+                if index + 1 < len(ready) and self.limiter.rate <= 0 and self.settings.send_rate_per_domain <= 0 \
+                else None
+            self.in_flight += 1
+            try:
+                await session.send(self.envelope_from, row.email, data, then=then)
+            except aiosmtplib.SMTPResponseException as exc:
+                outcome.failed.append((row, exc.code, exc.message))
+            except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+                if session.content_sent:  # handed over, answer lost: counted, never resent
+                    outcome.settled.append((row, "ambiguous", f"{type(exc).__name__}: {exc}"[:480]))
+                else:
+                    outcome.failed.append((row, None, f"{type(exc).__name__}: {exc}"))
+                outcome.unsent = [r for r, _, _ in ready[index + 1:]]  # the connection is gone: back, untried
+                break
+            else:
+                outcome.sent.append((row, message_id))
+            finally:
+                self.in_flight -= 1
+        return outcome
 
-    async def _digest_body(self, row) -> str | None:
+    async def _compose(self, campaign, row) -> tuple[Any, str | None]:
+        attachments = await self._attachments(campaign, row.language)
+        if campaign.kind != "digest":
+            return self._message(campaign, row, attachments)
         async with self.db.sessions() as s:
             events = [e for e in await self.upcoming_events(s) if digest.relevant(e, row.regions, row.topics)]
         if not events:
-            return None
-        return digest.body(events, row.language if row.language in self.renderer.tr.taxonomy.languages else "de",
+            return None, None
+        body = digest.body(events, row.language if row.language in self.renderer.tr.taxonomy.languages else "de",
                            self.renderer.tr)
+        rendered = self.render_for(campaign, row.email, row.name, row.language, row.manage_token, attachments,
+                                   body=body)
+        return rendered.message, rendered.message_id
 
-    async def _record(self, sent: list, failed: list, unsent: list) -> None:
-        """The answers of one group, in one transaction."""
-        if not (sent or failed or unsent):
-            return
-        now = utcnow()
-        async with self.db.transaction() as s:
-            if sent:
-                await s.execute(
-                    update(d_).where(d_.c.campaign_id == bindparam("c"), d_.c.subscriber_id == bindparam("s"),
-                                     d_.c.claimed_by == bindparam("claim"),  # (no IN: executemany)
-                                     or_(*(d_.c.status == status for status in ("claimed", "sending", "ambiguous"))))
-                    .values(status="sent", sent_at=now, attempts=bindparam("n"), message_id=bindparam("m"),
-                            last_error=None),
-                    [{"c": r.campaign_id, "s": r.subscriber_id, "claim": r.claimed_by, "n": r.attempts + 1,
-                      "m": mid} for r, mid in sent])
-            for row, code, error in failed:
-                await self._failed(s, row, code, error)
-            for row in unsent:  # never handed to SMTP: due again at once, no attempt counted
-                await s.execute(update(d_).where(self._mine(row)).values(status="retry", next_attempt_at=now))
+    async def _record(self, s: AsyncSession, outcome: Outcome) -> None:
+        """The answers of one group (inside the caller's transaction)."""
+        if outcome.sent:
+            await s.execute(
+                update(d_).where(d_.c.campaign_id == bindparam("c"), d_.c.subscriber_id == bindparam("s"),
+                                 d_.c.claimed_by == bindparam("claim"),  # (no IN: executemany)
+                                 or_(*(d_.c.status == status for status in ("claimed", "sending", "ambiguous"))))
+                .values(status="sent", sent_at=utcnow(), attempts=bindparam("n"), message_id=bindparam("m"),
+                        last_error=None),
+                [{"c": r.campaign_id, "s": r.subscriber_id, "claim": r.claimed_by, "n": r.attempts + 1, "m": mid}
+                 for r, mid in outcome.sent])
+        for row, status, error in outcome.settled:
+            await s.execute(update(d_).where(self._mine(row)).values(status=status, last_error=error))
+        for row, code, error in outcome.failed:
+            await self._failed(s, row, code, error)
+        for row in outcome.unsent:  # never handed to SMTP: due again at once, no attempt counted
+            await s.execute(update(d_).where(self._mine(row)).values(status="retry", next_attempt_at=utcnow()))
 
     async def _failed(self, s: AsyncSession, row, code: int | None, error: str) -> None:
         attempts = row.attempts + 1
@@ -452,12 +451,7 @@ class Campaigns:
         if stuck.rowcount:
             log.warning("%d campaign mail(s) were in flight when a mailer stopped: counted as ambiguous",
                         stuck.rowcount)
-        sending = select(c_.c.id).where(c_.c.status == "sending").scalar_subquery()
-        retries = await self._claim(and_(d_.c.status == "retry", d_.c.next_attempt_at <= now,
-                                         d_.c.campaign_id.in_(sending)),
-                                   self.pool.size * self.settings.campaign_handover_size)
-        if retries:
-            await self._send_rows(retries)
+        await self._drain(and_(d_.c.status == "retry", d_.c.next_attempt_at <= now))
         async with self.db.transaction() as s:
             open_ids = (await s.scalars(select(c_.c.id).where(c_.c.status == "sending"))).all()
             for campaign_id in open_ids:
