@@ -15,18 +15,20 @@ What cannot be split this way (a digest, written per recipient) is rendered by `
 from __future__ import annotations
 
 import base64
+import itertools
 import secrets
 import uuid
 from email.header import Header
 from email.message import EmailMessage
 from email.utils import format_datetime, formataddr
 from typing import Any
+from urllib.parse import quote_plus
 
 from jinja2 import Template, nodes
 from markupsafe import Markup, escape
 
 from services.mailer.render import POLICY, MailRenderer, Recipient, safe_header
-from services.mailer.staff_text import PLACEHOLDERS, expression, split
+from services.mailer.staff_text import PLACEHOLDERS, NotSplittable, expression, split
 from shared.db import utcnow
 
 LINKS = ("unsubscribe_url", "preferences_url")
@@ -57,6 +59,8 @@ class _Clock:
 
 
 _clock = _Clock()
+# Message-IDs: random per process, then counted (unique without asking the OS for randomness per mail).
+_message_ids = (f"{uuid.uuid4().hex}.{n}" for n in itertools.count(1))
 
 
 class Skeleton:
@@ -87,6 +91,11 @@ class Skeleton:
             "campaign", Recipient("", None, language), "", {"body_html": Markup(body_html), "body_text": body_text},
             links=links, subject=subject)
         self.lang = lang
+        self._unsubscribe = f"{renderer.base}/unsubscribe?token="
+        self._preferences = f"{renderer.base}/preferences?token="
+        if renderer.manage_links("t", lang) != {"unsubscribe_url": f"{self._unsubscribe}t&lang={lang}",
+                                                 "preferences_url": f"{self._preferences}t&lang={lang}"}:
+            raise NotSplittable("the renderer writes its links differently")
         self._subject = self._pieces(subject)
         self._text = self._pieces(_crlf(text))
         self._html = self._pieces(_crlf(html))
@@ -163,7 +172,9 @@ class Skeleton:
     def compose(self, email: str, name: str | None, manage_token: str) -> tuple[bytes, str]:
         """(the recipient's message as bytes, its Message-ID)."""
         renderer = self.renderer
-        links = renderer.manage_links(manage_token, self.lang)
+        token = quote_plus(manage_token)  # as MailRenderer.manage_links writes the links (urlencode)
+        links = {"unsubscribe_url": f"{self._unsubscribe}{token}&lang={self.lang}",
+                 "preferences_url": f"{self._preferences}{token}&lang={self.lang}"}
         values: dict[str, Any] = {"name": name or "", "email": email, "organisation": renderer.organisation,
                                   **links}
         text_values = {key: values[how] if isinstance(how, str) else how.render(values)
@@ -171,7 +182,7 @@ class Skeleton:
         text_values.update(links)
         html_values = {key: str(escape(value)) for key, value in text_values.items()}
         subject = self._fill(self._subject, text_values)
-        message_id = f"<{uuid.uuid4().hex}@{renderer.domain}>"
+        message_id = f"<{next(_message_ids)}@{renderer.domain}>"
         to = formataddr((safe_header(name), email), charset="utf-8") if name else email
         head = b"".join((
             b"Message-ID: ", message_id.encode(), b"\r\nDate: ", _clock.now(), b"\r\n", self._from_reply_to,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.policy
+import re
 from dataclasses import dataclass
 from email.headerregistry import Address
 from email.message import EmailMessage
@@ -25,8 +26,11 @@ class HeaderInjection(ValueError):
     pass
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def safe_header(value: str) -> str:
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+    if _CONTROL.search(value):
         raise HeaderInjection("control characters (CR/LF and others) in a header value")
     return value
 
