@@ -14,6 +14,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 class SmtpSink:
     def __init__(self) -> None:
         self.messages: list[tuple[list[str], EmailMessage]] = []
+        self.accepted_at: list[float] = []  # loop time at which each of `messages` was accepted
         # Scripted answers to RCPT per recipient, used up in order (e.g. two "451 4.7.1 try later"),
         # and permanent ones (e.g. "550 5.1.1 no such user"); anything else is accepted.
         self.script: dict[str, list[str]] = {}
@@ -57,6 +58,7 @@ class SmtpSink:
             return answer
         msg = email.message_from_bytes(envelope.content, policy=email.policy.default)
         self.messages.append(([a.lower() for a in envelope.rcpt_tos], msg))
+        self.accepted_at.append(asyncio.get_running_loop().time())
         self.changed.set()
         return "250 Message accepted for delivery"
 

@@ -100,8 +100,8 @@ async def test_sigkill_mid_campaign_every_recipient_once_ambiguous_bounded(stack
             proc.kill()
             proc.wait(10)
     counts = result["counts"]
-    assert counts["total"] == len(emails)
-    assert counts["sent"] + counts["ambiguous"] == len(emails), counts  # nobody skipped
+    assert counts["total"] >= len(emails)  # (people of earlier tests who want every region are in it too)
+    assert counts["sent"] + counts["ambiguous"] == counts["total"], counts  # nobody skipped
     # At most what the killed process had in flight: each connection's hand-over group.
     assert counts["ambiguous"] <= POOL * HANDOVER, counts
     got = {e: sum(1 for m in stack.smtp.to(e) if m["Subject"] == "Absturz-Test") for e in emails}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from html import unescape
 
 import httpx
 from hypothesis import given
@@ -249,7 +250,10 @@ async def test_publishing_an_event_with_announce_sends_an_announcement_once(stac
     result = await finished(stack, announcement["id"])
     assert result["counts"]["sent"] >= 1
     # staff text that looks like a placeholder is shown as written, not evaluated
-    assert "{{ name }}" in announcement["body_markdown"]["de"]
+    preview = (await stack.mailer.get(f"/api/v1/campaigns/{announcement['id']}/preview?language=de",
+                                      headers=stack.staff(EDITOR_KEY))).json()
+    assert "Workshop {{ name }} Willkommen" in preview["text"]
+    assert "Workshop {{ name }} Willkommen" in unescape(preview["html"])
     await asyncio.sleep(0.5)
     assert len(stack.smtp.to(outsider)) == 2
 
@@ -333,3 +337,31 @@ async def test_a_scheduled_campaign_starts_by_itself(stack: Stack) -> None:
     result = await finished(stack, campaign["id"], timeout=60)
     assert result["counts"]["sent"] == expected  # also those who chose no region: they want all regions
     assert (await stack.smtp.wait_for(person, 3))[2]["Subject"] == "Neuigkeiten für Test"
+
+
+async def test_global_and_per_domain_send_rates_space_the_mails(stack: Stack) -> None:
+    """MAILER_SEND_RATE_PER_DOMAIN (and the global rate) hold: six mails to one domain at 5/s take at
+    least a second from the first to the last; the limiters are the engine's own, set for this test."""
+    from collections import defaultdict
+
+    from services.mailer.sending import RateLimiter
+
+    region = "stendal"
+    people = [await subscriber(stack, f"rate-{i}", regions=[region]) for i in range(6)]
+    campaigns = stack.mail_app.state.campaigns
+    saved = campaigns._domain_limits, campaigns.limiter
+    campaigns._domain_limits = defaultdict(lambda: RateLimiter(5.0))
+    campaigns.limiter = RateLimiter(50.0)
+    try:
+        campaign = await create(stack, {"regions": [region]})
+        before = len(stack.smtp.messages)
+        await stack.mailer.post(f"/api/v1/campaigns/{campaign['id']}/send", headers=stack.staff(PUBLISHER_KEY))
+        result = await finished(stack, campaign["id"])
+    finally:
+        campaigns._domain_limits, campaigns.limiter = saved
+    assert result["counts"]["sent"] >= len(people)  # (earlier tests may have left people in that region)
+    received = [(rcpts[0], m["Subject"], t) for (rcpts, m), t in
+                zip(stack.smtp.messages[before:], stack.smtp.accepted_at[before:], strict=True) if rcpts[0] in people]
+    times = [t for _, subject, t in received if subject.startswith("Neuigkeiten")]
+    assert len(times) == len(people), received
+    assert max(times) - min(times) >= (len(people) - 1) / 5.0 * 0.9  # 5 per second to that domain

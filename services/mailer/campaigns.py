@@ -56,9 +56,10 @@ class Outcome:
     failed: list[tuple[Any, int | None, str]] = field(default_factory=list)  # (row, SMTP code, error)
     settled: list[tuple[Any, str, str | None]] = field(default_factory=list)  # (row, final status, note)
     unsent: list = field(default_factory=list)  # not tried: the connection broke before them
+    returned: list = field(default_factory=list)  # not tried: the campaign was paused or cancelled
 
     def __bool__(self) -> bool:
-        return bool(self.sent or self.failed or self.settled or self.unsent)
+        return bool(self.sent or self.failed or self.settled or self.unsent or self.returned)
 
 
 class CampaignStateError(Exception):
@@ -75,6 +76,9 @@ class Campaigns:
         self.in_flight = 0
         self._ics_cache: dict[tuple[str, str], bytes] = {}
         self._skeletons: dict[tuple, Skeleton | None] = {}
+        # Campaigns this instance knows to be paused or cancelled (its own actions at once, the others'
+        # from the sweep within a second): a connection stops between two mails, not after its group.
+        self._halted: dict[str, str] = {}
 
     # --- content -----------------------------------------------------------------------------------
 
@@ -193,6 +197,11 @@ class Campaigns:
 
     async def set_status(self, campaign_id: str, action: str) -> str:
         """pause, resume or cancel; returns the new status."""
+        status = await self._change_status(campaign_id, action)
+        self._note_status(campaign_id, status)  # committed: this instance's connections stop at once
+        return status
+
+    async def _change_status(self, campaign_id: str, action: str) -> str:
         allowed = {"pause": (("sending",), "paused"), "resume": (("paused",), "sending"),
                    "cancel": (("draft", "scheduled", "sending", "paused"), "cancelled")}
         before, after = allowed[action]
@@ -350,13 +359,16 @@ class Campaigns:
                 continue
             ready.append((row, self.pool.prepare(message, wire_ready=isinstance(message, bytes)), message_id))
         for index, (row, data, message_id) in enumerate(ready):
+            if row.campaign_id in self._halted and await self._halted_now(row.campaign_id):
+                outcome.returned = [r for r, _, _ in ready[index:]]  # paused or cancelled: not sent
+                break
             await self.limiter.wait()
             await self._domain_limits[row.email.rpartition("@")[2]].wait()
             # The next mail's envelope rides with this one's content (one write, one round trip each),
             # unless a rate limit spaces them out.
-            then = (self.envelope_from, ready[index + 1][0].email) \
-                if index + 1 < len(ready) and self.limiter.rate <= 0 and self.settings.send_rate_per_domain <= 0 \
-                else None
+            following = ready[index + 1][0].email if index + 1 < len(ready) else None
+            then = (self.envelope_from, following) if following and self.limiter.rate <= 0 \
+                and self._domain_limits[following.rpartition("@")[2]].rate <= 0 else None
             self.in_flight += 1
             try:
                 await session.send(self.envelope_from, row.email, data, then=then)
@@ -406,6 +418,23 @@ class Campaigns:
             await self._failed(s, row, code, error)
         for row in outcome.unsent:  # never handed to SMTP: due again at once, no attempt counted
             await s.execute(update(d_).where(self._mine(row)).values(status="retry", next_attempt_at=utcnow()))
+        for row in outcome.returned:  # never handed to SMTP: pending for a resume, or cancelled with the rest
+            halted = self._halted.get(row.campaign_id)
+            await s.execute(update(d_).where(self._mine(row)).values(
+                status="cancelled" if halted == "cancelled" else "pending", claimed_by=None))
+
+    def _note_status(self, campaign_id: str, status: str) -> None:
+        if status in ("paused", "cancelled"):
+            self._halted[campaign_id] = status
+        else:
+            self._halted.pop(campaign_id, None)
+
+    async def _halted_now(self, campaign_id: str) -> bool:
+        """Is the campaign still paused or cancelled? (A resume on another instance may be newer.)"""
+        async with self.db.sessions() as s:
+            status = await s.scalar(select(c_.c.status).where(c_.c.id == campaign_id))
+        self._note_status(campaign_id, status)
+        return campaign_id in self._halted
 
     async def _failed(self, s: AsyncSession, row, code: int | None, error: str) -> None:
         attempts = row.attempts + 1
@@ -431,6 +460,10 @@ class Campaigns:
         """Periodic: start due scheduled campaigns, retry due rows, count the ambiguous, finish."""
         now = now or utcnow()
         await self.maybe_digest(now)
+        async with self.db.sessions() as s:  # what other instances paused or cancelled, within a second
+            halted = dict((await s.execute(select(c_.c.id, c_.c.status).where(
+                c_.c.status.in_(("paused", "cancelled")), c_.c.updated_at > now - timedelta(days=1)))).all())
+        self._halted = halted
         async with self.db.sessions() as s:
             due = (await s.scalars(select(c_.c.id).where(c_.c.status == "scheduled", c_.c.scheduled_at <= now))).all()
         for campaign_id in due:
