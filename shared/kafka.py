@@ -79,10 +79,11 @@ class DeadLetters:
     Also what /metrics reports of the consumer: messages handled (`consumed`, duplicates included),
     `duplicates` (already processed: redelivered or replayed), failed attempts by reason (`failed`),
     dead-lettered (`count`), and the FastStream subscriber whose Kafka consumer knows the lag.
+    `handler` is what the consumer calls for each event (a test can put a faulty one in its place).
     """
 
-    def __init__(self, broker: KafkaBroker, group_id: str, topic: str) -> None:
-        self.broker, self.group_id, self.topic = broker, group_id, topic
+    def __init__(self, broker: KafkaBroker, group_id: str, topic: str, handler: Handler) -> None:
+        self.broker, self.group_id, self.topic, self.handler = broker, group_id, topic, handler
         self.count = 0
         self.consumed = 0
         self.duplicates = 0
@@ -134,7 +135,7 @@ def register_consumer(
 ) -> DeadLetters:
     """Subscribe `handler(event, correlation_id)` to `topic` with commit-after-processing and a DLQ."""
     group_id = consumer_group(service, topic, names.prefix)
-    dead_letters = DeadLetters(broker, group_id, topic)
+    dead_letters = DeadLetters(broker, group_id, topic, handler)
     max_attempts = settings.consumer_max_attempts
 
     async def consume(msg: KafkaMessage) -> None:
@@ -151,7 +152,7 @@ def register_consumer(
         attempts, started = 0, asyncio.get_running_loop().time()
         while True:
             try:
-                await handler(event, correlation_id)
+                await dead_letters.handler(event, correlation_id)
                 dead_letters.consumed += 1
                 log.info("%s %s handled (%s)", getattr(event, "type", "event"), getattr(event, "event_id", ""), topic)
                 return

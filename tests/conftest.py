@@ -142,6 +142,8 @@ class Stack:
     events_app: object
     events_settings: EventsSettings
     counter: list[int] = field(default_factory=lambda: [0])
+    # Each service's lifespan on its own, so a test can stop one and start another in its place.
+    lifespans: dict[str, contextlib.AsyncExitStack] = field(default_factory=dict)
 
     def address(self, tag: str = "person") -> str:
         self.counter[0] += 1
@@ -218,16 +220,25 @@ async def stack(request, kafka: Broker, smtp: SmtpSink, tmp_path_factory) -> Asy
         else:
             folder: Path = tmp_path_factory.mktemp("sqlite")
             urls = {n: f"sqlite+aiosqlite:///{folder}/{n}.db" for n in ("subscriptions", "events", "mailer")}
+        yield await exits.enter_async_context(open_stack(backend, kafka, smtp, urls))
+
+
+@contextlib.asynccontextmanager
+async def open_stack(backend: str, kafka: Broker, smtp: SmtpSink, urls: dict[str, str],
+                     **mailer: object) -> AsyncIterator[Stack]:
+    """The three services on `urls` (migrated, staff keys registered), started and connected to `kafka`,
+    with a topic prefix of their own; `mailer` overrides mailer settings."""
+    async with contextlib.AsyncExitStack() as exits:
         prefix = f"t{uuid.uuid4().hex[:8]}."
         common = dict(environment="test", kafka_bootstrap_servers=kafka.bootstrap,
                       kafka_enable_idempotence=False, kafka_topic_prefix=prefix,
                       public_base_url="http://bridgepost.test", outbox_poll_seconds=0.5)
         sub_settings = SubscriptionsSettings(**common, database_url=urls["subscriptions"], trust_forwarded_for=True,
                                              signups_per_ip=5, cors_origins=["https://www.example-verein.de"])
-        mail_settings = MailerSettings(**common, database_url=urls["mailer"], smtp_host="127.0.0.1",
-                                       smtp_port=smtp.port, retry_base_seconds=0.2, retry_max_seconds=1.0,
-                                       send_rate_per_second=0, ambiguous_after_seconds=8, campaign_batch_size=5,
-                                       digest_enabled=False)
+        mail_settings = MailerSettings(**{**dict(
+            common, database_url=urls["mailer"], smtp_host="127.0.0.1", smtp_port=smtp.port, retry_base_seconds=0.2,
+            retry_max_seconds=1.0, send_rate_per_second=0, ambiguous_after_seconds=8, campaign_batch_size=5,
+            digest_enabled=False), **mailer})
         events_settings = EventsSettings(**common, database_url=urls["events"], public_url="http://events.test",
                                          scheduler_interval_seconds=0.3, trust_forwarded_for=True)
         await migrate(events_settings.database_url, EVENTS_MIGRATIONS)
@@ -245,9 +256,15 @@ async def stack(request, kafka: Broker, smtp: SmtpSink, tmp_path_factory) -> Asy
         sub_app = create_subscriptions(sub_settings)
         mail_app = create_mailer(mail_settings)
         events_app = create_events(events_settings)
-        await exits.enter_async_context(sub_app.router.lifespan_context(sub_app))
-        await exits.enter_async_context(mail_app.router.lifespan_context(mail_app))
-        await exits.enter_async_context(events_app.router.lifespan_context(events_app))
+        lifespans: dict[str, contextlib.AsyncExitStack] = {}
+
+        async def stop_all() -> None:
+            for running in reversed(list(lifespans.values())):
+                await running.aclose()
+        exits.push_async_callback(stop_all)
+        for name, app in (("subscriptions", sub_app), ("mailer", mail_app), ("events", events_app)):
+            lifespans[name] = contextlib.AsyncExitStack()
+            await lifespans[name].enter_async_context(app.router.lifespan_context(app))
         await asyncio.wait_for(sub_app.state.runtime.connected.wait(), 60)
         await asyncio.wait_for(mail_app.state.runtime.connected.wait(), 60)
         await asyncio.wait_for(events_app.state.runtime.connected.wait(), 60)
@@ -259,4 +276,4 @@ async def stack(request, kafka: Broker, smtp: SmtpSink, tmp_path_factory) -> Asy
         events = await exits.enter_async_context(httpx.AsyncClient(
             transport=httpx.ASGITransport(events_app, **transport), base_url="http://events.test"))
         yield Stack(backend, subs, mailer, sub_app, mail_app, sub_settings, mail_settings, smtp, kafka, prefix,
-                    events, events_app, events_settings)
+                    events, events_app, events_settings, lifespans=lifespans)

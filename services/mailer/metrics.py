@@ -30,6 +30,11 @@ def outcome(table):
                 else_=table.c.status).label("outcome")
 
 
+def retried(table):
+    """Attempts of a row after its first."""
+    return case((table.c.attempts > 1, table.c.attempts - 1), else_=0)
+
+
 class MailMetrics:
     def __init__(self, db: Database, metrics: Metrics) -> None:
         self.db = db
@@ -40,6 +45,10 @@ class MailMetrics:
                                      "Mails given up after temporary failures" + about, ["kind"], "counter")
         self.bounced = metrics.family("bridgepost_mails_bounced_total",
                                       "Mails refused permanently (SMTP 5xx)" + about, ["kind"], "counter")
+        self.retries = metrics.family(
+            "bridgepost_mail_retries_total",
+            "Attempts after a mail's first one, made after a temporary failure (SMTP 4xx, connection error)" + about,
+            ["kind"], "counter")
         self.ledger = metrics.family(
             "bridgepost_mail_ledger",
             "Ledger rows by kind (transactional kinds, or campaign) and status: pending, claimed, sending, sent, "
@@ -57,6 +66,8 @@ class MailMetrics:
             transactional = (await s.execute(
                 select(m_.c.kind, outcome(m_), func.count()).group_by(m_.c.kind, "outcome"))).all()
             campaign = (await s.execute(select(outcome(d_), func.count()).group_by("outcome"))).all()
+            retries = dict((await s.execute(select(m_.c.kind, func.sum(retried(m_))).group_by(m_.c.kind))).all())
+            retries["campaign"] = await s.scalar(select(func.sum(retried(d_))))
             campaigns = (await s.execute(select(c_.c.status, func.count()).group_by(c_.c.status))).all()
             shown = select(c_.c.id).where(or_(c_.c.status.in_(OPEN_CAMPAIGNS), c_.c.finished_at >= since,
                                               c_.c.updated_at >= since))
@@ -70,6 +81,7 @@ class MailMetrics:
         kinds = {kind for kind, _ in rows} | {"campaign"}
         for family, status in ((self.sent, "sent"), (self.failed, "failed"), (self.bounced, "bounced")):
             family.set({(kind,): rows.get((kind, status), 0.0) for kind in kinds})
+        self.retries.set({(kind,): float(retries.get(kind) or 0) for kind in kinds})
         self.ledger.set(rows)
         self.campaigns.set({(status,): float(n) for status, n in campaigns})
         self.progress.set({(campaign_id, kind, status): float(n) for campaign_id, kind, status, n in progress})
