@@ -18,7 +18,7 @@ test: $(BIN)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check shared services tests
+	$(BIN)/ruff check shared services tests bench
 
 migrate: $(BIN)/.installed
 	$(BIN)/bridgepost migrate
@@ -27,9 +27,12 @@ migrate: $(BIN)/.installed
 docs: $(BIN)/.installed
 	$(BIN)/python -m shared.apidocs
 
+# Every benchmark, then bench/results/REPORT.md (figures vs targets). `make bench QUICK=1`: a smoke run.
 bench: $(BIN)/.installed
-	$(BIN)/python bench/signup_latency.py
-	$(BIN)/python bench/campaign.py
+	$(BIN)/python bench/signup.py $(if $(QUICK),--quick)
+	$(BIN)/python bench/latency.py $(if $(QUICK),--quick)
+	$(BIN)/python bench/campaign.py $(if $(QUICK),--quick)
+	$(BIN)/python bench/report.py
 
 clean:
 	rm -rf var .pytest_cache

@@ -60,15 +60,17 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from signup_latency import (  # noqa: E402 - the process helpers of the other benchmark
+from harness import (  # noqa: E402 - the benchmarks' shared process helpers
     DEFAULT_POSTGRES_URL,
     Child,
+    figure,
     free_port,
     log,
     postgres_databases,
     run_checked,
     wait_port,
     wait_ready,
+    write_summary,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -615,6 +617,7 @@ async def bench(args: argparse.Namespace, sink_bin: str, source_bin: str, spy_bi
             "PYTHONUNBUFFERED": "1",
             "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{kafka_port}",
             "KAFKA_ENABLE_IDEMPOTENCE": "false",
+            "KAFKA_FETCH_MAX_WAIT_MS": "100",  # the embedded broker holds a fetch for half of this
             "MAILER_DATABASE_URL": mailer_url,
             # migrated along with the mailer's; the benchmark starts neither of these services
             "SUBSCRIPTIONS_DATABASE_URL": f"sqlite+aiosqlite:///{folder}/subscriptions.db",
@@ -647,14 +650,23 @@ async def bench(args: argparse.Namespace, sink_bin: str, source_bin: str, spy_bi
         await wait_port(kafka_port, 30, broker)
         await wait_port(smtp_port, 10, sink)
 
-        mail = Child("mailer", [bridgepost, "serve", "mailer", "--port", str(mail_port)], env, folder, ROOT)
-        children.append(mail)
-        await mail.start()
+        mail_ports = [mail_port] + [free_port() for _ in range(args.instances - 1)]
+        mailers = [Child("mailer" if i == 0 else f"mailer-{i + 1}",
+                         [bridgepost, "serve", "mailer", "--port", str(port)], env, folder, ROOT)
+                   for i, port in enumerate(mail_ports)]
+        mail = mailers[0]
+        for child in mailers:
+            children.append(child)
+            await child.start()
+        connections = args.connections * args.instances  # in all: smtp-source gets as many
 
         headers = {"Authorization": f"Bearer {key}"}
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{mail_port}", timeout=60, headers=headers) as client:
             await wait_ready(client, "/readyz", mail, 90)
-            log("mailer ready (Kafka connected)")
+            for child, port in zip(mailers[1:], mail_ports[1:], strict=True):
+                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as other:
+                    await wait_ready(other, "/readyz", child, 90)
+            log(f"{args.instances} mailer instance(s) ready (Kafka connected)")
 
             # --- 1. seed the audience through the mailer's own consumer
             people = make_subscribers(n, run, args.seed)
@@ -683,8 +695,10 @@ async def bench(args: argparse.Namespace, sink_bin: str, source_bin: str, spy_bi
             campaign_id = r.json()["id"]
 
             pid = mail.proc.pid
-            before = read_status(pid)
-            peak_reset = reset_peak_rss(pid)
+            pids = [child.proc.pid for child in mailers]
+            befores = [read_status(p) for p in pids]
+            before = max(befores, key=lambda st: st["VmHWM"])
+            peak_reset = all([reset_peak_rss(p) for p in pids])
             profile_raw = None
             if spy_bin:
                 profile_raw = folder / "profile.txt"
@@ -699,8 +713,9 @@ async def bench(args: argparse.Namespace, sink_bin: str, source_bin: str, spy_bi
                     raise RuntimeError(f"py-spy exited: {(folder / 'py-spy.log').read_text()[-1000:]}")
             load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
 
-            log(f"sending the campaign to {n} subscribers over {args.connections} SMTP connections")
-            cpu_before = cpu_seconds(pid)
+            log(f"sending the campaign to {n} subscribers: {args.instances} mailer(s) × {args.connections} "
+                "SMTP connections")
+            cpu_before = sum(cpu_seconds(p) for p in pids)
             t0_ns = time.time_ns()
             t0 = time.perf_counter()
             r = await client.post(f"/api/v1/campaigns/{campaign_id}/send", timeout=600)
@@ -720,12 +735,13 @@ async def bench(args: argparse.Namespace, sink_bin: str, source_bin: str, spy_bi
             await wait_for("campaign mails recorded", finished, n, mail, args.stall)
             counts = state["counts"]
             done_after = time.perf_counter() - t0
-            mailer_cpu = cpu_seconds(pid) - cpu_before
+            mailer_cpu = sum(cpu_seconds(p) for p in pids) - cpu_before
             if spy is not None:
                 with contextlib.suppress(ProcessLookupError):
                     spy.send_signal(signal.SIGINT)
                 await asyncio.wait_for(spy.wait(), 60)
-            after = read_status(pid)
+            afters = [read_status(p) for p in pids]
+            after = max(afters, key=lambda st: st["VmHWM"])  # the mailer with the highest peak
             log(f"the mailer recorded all {n} as done after {done_after:.1f} s: {counts}")
 
             # --- 3. verify what the sink accepted
@@ -741,9 +757,9 @@ async def bench(args: argparse.Namespace, sink_bin: str, source_bin: str, spy_bi
             seen = set(os.listdir(dumps))
             sample = folder / "message.eml"
             sample.write_bytes(split_dump(check["typical"].read_bytes())[1] if check["typical"] else b"")
-            argv = [source_bin, "-d", "-N", "-s", str(args.connections), "-m", str(n), "-F", str(sample),
+            argv = [source_bin, "-d", "-N", "-s", str(connections), "-m", str(n), "-F", str(sample),
                     "-f", "bench-source@example.org", "-t", "rcpt@example.org", f"127.0.0.1:{smtp_port}"]
-            log(f"smtp-source: {n} messages of {check['typical_size']} bytes over {args.connections} connections")
+            log(f"smtp-source: {n} messages of {check['typical_size']} bytes over {connections} connections")
             started = time.perf_counter()
             source = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
@@ -768,7 +784,7 @@ async def bench(args: argparse.Namespace, sink_bin: str, source_bin: str, spy_bi
             profile["seconds"] = done_after
 
         return {
-            "database": args.database, "subscribers": n, "connections": args.connections,
+            "database": args.database, "subscribers": n, "connections": connections, "instances": args.instances,
             "published_in": published_in, "projection_in": projection_in,
             "send_answered": send_answered, "first_after": first_after, "elapsed": elapsed, "rate": rate,
             "done_after": done_after, "mailer_cpu": mailer_cpu, "counts": counts, "check": check,
@@ -845,7 +861,7 @@ def render_text(r: dict) -> str:
     hwm = r["hwm_kb"] / mb
     lines = [
         f"bridgepost campaign throughput — database {r['database']}, {r['subscribers']} subscribers, "
-        f"{r['connections']} SMTP connections",
+        f"{r.get('instances', 1)} mailer instance(s), {r['connections']} SMTP connections in all",
         f"machine: {r['cores']} cores ({r['machine']}), load average before the send {r['load']}, date: {r['date']}",
         f"seeding: {r['subscribers']} subscription_confirmed events published in {r['published_in']:.1f} s; "
         f"audience projection complete after {r['projection_in']:.1f} s",
@@ -856,7 +872,7 @@ def render_text(r: dict) -> str:
         f"smtp-source (same sink, {r['connections']} connections, -d, {r['subscribers']} × "
         f"{r['check']['typical_size']} bytes): {r['source_elapsed']:.2f} s → {r['source_rate']:.0f} msg/s",
         f"ratio to smtp-source: {r['ratio']:.3f}   (target ≥ {TARGET_RATIO}: {verdict(r['ratio'] >= TARGET_RATIO)})",
-        f"mailer peak RSS during the campaign (VmHWM): {hwm:.1f} MB   (target ≤ {TARGET_RSS_MB:.0f} MB: "
+        f"peak RSS of a mailer during the campaign (VmHWM): {hwm:.1f} MB   (target ≤ {TARGET_RSS_MB:.0f} MB: "
         f"{verdict(hwm <= TARGET_RSS_MB)})" + ("" if r["peak_reset"] else " [could not reset: whole-run peak]"),
         f"  RSS before the send {r['rss_before_kb'] / mb:.1f} MB, after {r['rss_after_kb'] / mb:.1f} MB; "
         f"peak while seeding {r['hwm_seeding_kb'] / mb:.1f} MB",
@@ -897,7 +913,8 @@ def render_markdown(r: dict) -> str:
         f"<!-- database: {r['database']} -->",
         f"## {r['database']}",
         "",
-        f"{r['subscribers']} subscribers, {r['connections']} SMTP connections; {r['cores']} cores ({r['machine']}); "
+        f"{r['subscribers']} subscribers, {r.get('instances', 1)} mailer instance(s) with {r['connections']} SMTP "
+        f"connections in all; {r['cores']} cores ({r['machine']}); "
         f"load average before the send {r['load']}; {r['date']}",
         "",
         "| measured | value | target (issue) |",
@@ -907,7 +924,7 @@ def render_markdown(r: dict) -> str:
         f"| smtp-source, same sink, {r['connections']} connections, {r['check']['typical_size']}-byte message | "
         f"{r['source_rate']:.0f} msg/s ({r['source_elapsed']:.2f} s) | |",
         f"| ratio to smtp-source | **{r['ratio']:.3f}** | ≥ {TARGET_RATIO}: {verdict(r['ratio'] >= TARGET_RATIO)} |",
-        f"| mailer peak RSS during the campaign (VmHWM) | **{hwm:.1f} MB** | ≤ {TARGET_RSS_MB:.0f} MB: "
+        f"| peak RSS of a mailer during the campaign (VmHWM) | **{hwm:.1f} MB** | ≤ {TARGET_RSS_MB:.0f} MB: "
         f"{verdict(hwm <= TARGET_RSS_MB)} |",
         f"| mailer RSS before the send / after / peak while seeding | {r['rss_before_kb'] / mb:.1f} / "
         f"{r['rss_after_kb'] / mb:.1f} / {r['hwm_seeding_kb'] / mb:.1f} MB | |",
@@ -967,11 +984,32 @@ def write_markdown(path: Path, r: dict) -> None:
     path.write_text(HEADER + "\n" + "\n\n".join(sections[d] for d in order) + "\n", "utf-8")
 
 
+def summary_figures(r: dict, output: Path) -> dict:
+    """The headline figures with their targets, for bench/report.py (bench/results/campaign.json)."""
+    ok, _ = exactly_once(r)
+    hwm = r["hwm_kb"] / 1024
+    return {"benchmark": "campaign", "results": str(output.relative_to(ROOT)) if output.is_relative_to(ROOT)
+            else str(output), "database": r["database"], "date": r["date"], "cores": r["cores"],
+            "machine": r["machine"], "setup": f"{r['subscribers']} subscribers, {r['connections']} SMTP connections"
+            + (f", {r['instances']} mailers" if r.get("instances", 1) > 1 else ""),
+            "figures": [
+                figure("campaign rate", round(r["rate"]), "msg/s", f"≥ {TARGET_RATE:.0f}", r["rate"] >= TARGET_RATE,
+                       r["load"]),
+                figure("ratio to smtp-source", round(r["ratio"], 3), "", f"≥ {TARGET_RATIO}",
+                       r["ratio"] >= TARGET_RATIO, r["load"]),
+                figure("mailer peak RSS during the campaign", round(hwm, 1), "MB", f"≤ {TARGET_RSS_MB:.0f} MB",
+                       hwm <= TARGET_RSS_MB, r["load"]),
+                figure("exactly once", "yes" if ok else "NO", "", "every recipient once", ok)]}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="a smoke run: 500 subscribers (sets --subscribers)")
     p.add_argument("--subscribers", type=int, default=20_000, help="active subscribers to seed (default 20000)")
     p.add_argument("--connections", type=int, default=4,
-                   help="SMTP connections: the mailer's SMTP_POOL_SIZE and smtp-source's sessions (default 4)")
+                   help="SMTP connections per mailer (SMTP_POOL_SIZE); smtp-source gets as many in all (default 4)")
+    p.add_argument("--instances", type=int, default=1,
+                   help="mailer processes sharing the campaign through mailer.jobs.v1 (default 1)")
     p.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite", help="the mailer's database")
     p.add_argument("--postgres-url", default=DEFAULT_POSTGRES_URL,
                    help="existing database to connect to for CREATE/DROP DATABASE (default: %(default)s)")
@@ -985,8 +1023,10 @@ def main() -> int:
     p.add_argument("--no-install", action="store_true", help="do not install postfix or py-spy when missing")
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="markdown results file")
     args = p.parse_args()
-    if args.subscribers < 1 or args.connections < 1:
-        p.error("--subscribers and --connections must be at least 1")
+    if args.quick:
+        args.subscribers = 500
+    if args.subscribers < 1 or args.connections < 1 or args.instances < 1:
+        p.error("--subscribers, --connections and --instances must be at least 1")
     args.profile_output = args.profile_output.resolve()
 
     try:
@@ -1017,7 +1057,8 @@ def main() -> int:
         return 1
     print(render_text(result))
     write_markdown(args.output, result)
-    log(f"written to {args.output}")
+    write_summary("campaign", summary_figures(result, args.output), args.output.parent)
+    log(f"written to {args.output} and {args.output.parent / 'campaign.json'}")
     return 0 if exactly_once(result)[0] else 2
 
 

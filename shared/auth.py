@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import HTTPException, Request, status
+from fastapi import FastAPI, HTTPException, Request, Security, status
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -90,19 +94,50 @@ async def authenticate(db: Database, infra: InfraTables, authorization: str | No
     return Staff(key_id=row.id, name=row.name, role=row.role)
 
 
+# So that OpenAPI shows the scheme on every staff operation, with the role it needs as the requirement's
+# scope (OpenAPI 3.1: role names for non-OAuth schemes); `authenticate` reads the header itself.
+_bearer = HTTPBearer(auto_error=False, description="A staff API key (`bridgepost api-key create --role …`)")
+
+
 def require_role(role: str):
-    """FastAPI dependency: the authenticated staff member, who must have at least `role`."""
+    """FastAPI dependency: the authenticated staff member, who must have at least `role`.
+
+    The dependency carries the role as `required_role`, so tests and docs can tell from a route
+    which role it needs (see `staff_routes`).
+    """
     if role not in ROLES:
         raise ValueError(role)
 
-    async def dependency(request: Request) -> Staff:
+    async def dependency(request: Request,
+                         _scheme: HTTPAuthorizationCredentials | None = Security(_bearer, scopes=[role])) -> Staff:
         state = request.app.state
         staff = await authenticate(state.db, state.infra, request.headers.get("authorization"))
         if not staff.may(role):
             raise HTTPException(status.HTTP_403_FORBIDDEN, f"this needs the role {role!r}")
         return staff
 
+    dependency.required_role = role  # type: ignore[attr-defined]
     return dependency
+
+
+def required_role(dependant: Dependant) -> str | None:
+    """The role a route (its dependency tree) requires, or None for a public route."""
+    roles = [getattr(dependant.call, "required_role", None), *(required_role(d) for d in dependant.dependencies)]
+    found = [r for r in roles if r]
+    return max(found, key=ROLES.index) if found else None
+
+
+def _api_routes(routes: Iterable[Any]) -> Iterator[APIRoute]:
+    for route in routes:
+        if isinstance(route, APIRoute):
+            yield route
+        elif (router := getattr(route, "original_router", None)) is not None:  # newer FastAPI keeps includes
+            yield from _api_routes(router.routes)
+
+
+def staff_routes(app: FastAPI) -> list[tuple[APIRoute, str]]:
+    """Every route of `app` that needs a staff key, with the role it needs."""
+    return [(route, role) for route in _api_routes(app.routes) if (role := required_role(route.dependant))]
 
 
 async def audit(session: AsyncSession, infra: InfraTables, staff: Staff, action: str,

@@ -163,6 +163,7 @@ async def _dev(var: Path) -> int:
         wanted["broker"] = kafka_port
         env["KAFKA_BOOTSTRAP_SERVERS"] = f"127.0.0.1:{kafka_port}"
         env.setdefault("KAFKA_ENABLE_IDEMPOTENCE", "false")  # the embedded broker lacks InitProducerId
+        env.setdefault("KAFKA_FETCH_MAX_WAIT_MS", "100")  # it holds a fetch for half of this (docs/performance.md)
         parts.append(Part("broker", broker_command(kafka_port), env))
     external_smtp = "SMTP_HOST" in os.environ
     if not external_smtp:

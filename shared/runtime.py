@@ -34,11 +34,12 @@ class Runtime:
         self.broker, self.names, self.relay = broker, names, relay
         self.connected = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
-        self.periodic: list[tuple[float, Callable[[], Awaitable[None]]]] = []
+        self.periodic: list[tuple[float, Callable[[], Awaitable[None]], asyncio.Event | None]] = []
         self.after_connect: list[Callable[[], Awaitable[None]]] = []
 
-    def every(self, seconds: float, job: Callable[[], Awaitable[None]]) -> None:
-        self.periodic.append((seconds, job))
+    def every(self, seconds: float, job: Callable[[], Awaitable[None]], wake: asyncio.Event | None = None) -> None:
+        """Run `job` every `seconds`, and at once whenever `wake` is set."""
+        self.periodic.append((seconds, job, wake))
 
     async def start(self) -> None:
         logs.adopt_foreign_loggers()  # uvicorn installed its handlers after `configure_logging`
@@ -46,8 +47,9 @@ class Runtime:
         # started by `_connect`) log carries the service's name.
         with logs.log_context(service=self.name):
             self._tasks.append(asyncio.create_task(self._connect(), name=f"{self.name}-connect"))
-            for seconds, job in self.periodic:
-                self._tasks.append(asyncio.create_task(self._repeat(seconds, job), name=f"{self.name}-periodic"))
+            for seconds, job, wake in self.periodic:
+                self._tasks.append(asyncio.create_task(self._repeat(seconds, job, wake),
+                                                       name=f"{self.name}-periodic"))
 
     async def _connect(self) -> None:
         attempt = 0
@@ -84,9 +86,14 @@ class Runtime:
             log.warning("%s: the broker lost %s; publishing %d retained event(s) again",
                         self.name, ", ".join(sorted(lost)), count)
 
-    async def _repeat(self, seconds: float, job: Callable[[], Awaitable[None]]) -> None:
+    async def _repeat(self, seconds: float, job: Callable[[], Awaitable[None]], wake: asyncio.Event | None) -> None:
         while True:
-            await asyncio.sleep(seconds)
+            if wake is None:
+                await asyncio.sleep(seconds)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), seconds)
+                wake.clear()
             try:
                 await job()
             except Exception:  # noqa: BLE001 - a periodic job must not die

@@ -41,8 +41,10 @@ class CommonSettings(BaseSettings):
     )
     kafka_fetch_max_wait_ms: int = Field(
         500, validation_alias=env("KAFKA_FETCH_MAX_WAIT_MS"),
-        description="Longest a consumer's fetch waits for new messages, in milliseconds. Lowering it did not "
-                    "lower latency on the embedded broker (see `bench/README.md`).",
+        description="Longest a consumer's fetch waits for new messages, in milliseconds. Apache Kafka answers a "
+                    "waiting fetch as soon as a message arrives; the embedded broker does not (it answers after up "
+                    "to half of this wait), so there it adds up to half of it to every hop: lower it (e.g. `20`) "
+                    "for latency, at the price of more idle polling (see `docs/performance.md`).",
     )
     kafka_consumers_per_topic: int = Field(
         1, ge=1, le=32, validation_alias=env("KAFKA_CONSUMERS_PER_TOPIC"),

@@ -8,10 +8,11 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlencode
+from urllib.parse import unquote_to_bytes, urlencode
 
-from fastapi import FastAPI, Request, Response
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import HTMLResponse, JSONResponse
 from jinja2 import ChoiceLoader, Environment, FileSystemLoader, select_autoescape
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -21,6 +22,9 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from pydantic import BaseModel, Field
+from starlette.datastructures import FormData
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from shared.i18n import Translations
@@ -87,8 +91,25 @@ def client_ip(request: Request, trust_forwarded_for: bool) -> str | None:
     return request.client.host if request.client else None
 
 
+class BodyTooLarge(HTTPException):
+    """Raised when a body sent without Content-Length grows past the limit while it is read."""
+
+    def __init__(self) -> None:
+        super().__init__(413, "request body too large")
+
+
+def _too_large() -> JSONResponse:
+    # Connection: close, as the rest of the body is not read.
+    return JSONResponse({"detail": "request body too large"}, status_code=413, headers={"Connection": "close"})
+
+
 class BodyLimit:
-    """Refuses request bodies over a limit without reading them all (413)."""
+    """Refuses request bodies over a limit without reading them all (413): at once when Content-Length
+    says so, else as soon as the chunks read add up to more than the limit.
+
+    In the second case whatever the app makes of the cut body (FastAPI: "error parsing the body", 400,
+    as the error reaches it wrapped by the `http` middlewares) is replaced by the 413.
+    """
 
     def __init__(self, app: ASGIApp, max_bytes: int = MAX_BODY_BYTES) -> None:
         self.app, self.max_bytes = app, max_bytes
@@ -99,20 +120,166 @@ class BodyLimit:
             return
         length = dict(scope.get("headers") or {}).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            await PlainTextResponse("request body too large", status_code=413)(scope, receive, send)
+            await _too_large()(scope, receive, send)
             return
         seen = 0
+        too_large = started = replaced = False
 
         async def limited() -> dict:
-            nonlocal seen
+            nonlocal seen, too_large
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise ValueError("request body too large")
+                    too_large = True
+                    raise BodyTooLarge()
             return message
 
-        await self.app(scope, limited, send)
+        async def watched(message: dict) -> None:
+            nonlocal started, replaced
+            if replaced:
+                return
+            if too_large and not started:
+                started = replaced = True
+                await _too_large()(scope, receive, send)
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited, watched)
+        except Exception:
+            if not too_large or (started and not replaced):
+                raise
+            if not started:
+                await _too_large()(scope, receive, send)
+
+
+class RefuseNul:
+    """Refuses a NUL character in the path (404: nothing has such a name) or the query string (422).
+
+    No input of ours may hold one, and PostgreSQL cannot even compare a text with one: a filter or an
+    id with a NUL in it would fail in the database (a 500) instead of being refused. Bodies are
+    validated field by field by their models.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            query: bytes = scope.get("query_string") or b""
+            if "\x00" in scope.get("path", ""):
+                await JSONResponse({"detail": "no such object"}, status_code=404)(scope, receive, send)
+                return
+            if b"%00" in query or b"\x00" in query:
+                await JSONResponse({"detail": [{"loc": ["query"], "msg": "NUL characters are not allowed",
+                                                "type": "string_nul"}]}, status_code=422)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class ErrorBody(BaseModel):
+    """An error answer of the JSON API (FastAPI's `{"detail": …}`)."""
+
+    detail: str | dict[str, Any] | list[dict[str, Any]] = Field(description="What went wrong")
+
+
+ERRORS = {
+    401: "No valid staff API key (`Authorization: Bearer <key>`)",
+    403: "The key's role does not allow this",
+    404: "No such object (or an unknown or expired link)",
+    409: "Not possible in the object's current state",
+    413: "Request body too large",
+    422: "Invalid input",
+    429: "Too many requests; try again after `Retry-After` seconds",
+}
+
+
+def json_errors(*codes: int, page: bool = False) -> dict[int | str, dict[str, Any]]:
+    """`responses=` for a route that can answer these error statuses with JSON (`page`: a page route,
+    whose own media type FastAPI would give a `model`, so the schema is spelled out)."""
+    if page:
+        content = {"application/json": {"schema": ErrorBody.model_json_schema()}}
+        return {code: {"description": ERRORS[code], "content": content} for code in codes}
+    return {code: {"description": ERRORS[code], "model": ErrorBody} for code in codes}
+
+
+def page_errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """`responses=` for a page route that answers these statuses with a page (a message or the form
+    again with what to correct)."""
+    return {code: {"description": ERRORS[code] + " (a page saying so)",
+                   "content": {"text/html": {"schema": {"type": "string"}}}} for code in codes}
+
+
+STAFF_ERRORS = json_errors(401, 403)
+
+
+def form_body(model: type[BaseModel] | None = None, fields: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`openapi_extra=` documenting the urlencoded form a page route reads itself (to answer invalid
+    input with the form and messages in the visitor's language instead of JSON): the model's fields
+    and/or `fields` (name → JSON schema)."""
+    schema = model.model_json_schema() if model else {"type": "object"}
+    schema["properties"] = {**schema.get("properties", {}), **(fields or {})}
+    return {"requestBody": {"required": True, "content": {"application/x-www-form-urlencoded": {"schema": schema}}}}
+
+
+def unprocessable(message: str, kind: str = "value_error", loc: tuple[str, ...] = ("body",)) -> HTTPException:
+    """A 422 shaped like FastAPI's own validation errors (`detail`: a list of field errors)."""
+    return HTTPException(422, [{"loc": list(loc), "msg": message, "type": kind}])
+
+
+async def read_form(request: Request, max_fields: int) -> FormData | None:
+    """The posted form, or None when it cannot be read (not UTF-8, too many fields, files, broken
+    multipart): the page then answers with itself and a message in the visitor's language, not with a
+    bare JSON 400 nor with mojibake taken for input."""
+    try:
+        if request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+            # Starlette would turn bytes that are not UTF-8 into U+FFFD (or Latin-1 letters) and go on.
+            unquote_to_bytes((await request.body()).replace(b"+", b" ")).decode("utf-8")
+        return await request.form(max_files=0, max_fields=max_fields)
+    except UnicodeDecodeError:
+        return None
+    except StarletteHTTPException as exc:
+        if exc.status_code != 400:  # e.g. 413 from BodyLimit
+            raise
+        return None
+
+
+async def _unreadable_body(request: Request, exc: StarletteHTTPException) -> Response:
+    # FastAPI answers a JSON body it cannot decode (not UTF-8) with a bare 400; the API's contract for
+    # bad input is a 422 with field errors, like any other invalid JSON.
+    if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeError):
+        return JSONResponse({"detail": [{"loc": ["body"], "msg": "the body is not valid UTF-8 JSON",
+                                         "type": "json_invalid"}]}, status_code=422)
+    return await http_exception_handler(request, exc)
+
+
+UNAVAILABLE = ("Der Dienst ist gerade kurz nicht erreichbar (Datenbank). Bitte versuchen Sie es in einem Moment "
+               "noch einmal. — The service is briefly unavailable (database). Please try again in a moment.")
+
+
+async def _database_unavailable(request: Request, exc: Exception) -> Response:
+    # A database restart or failover: a clear 503 with Retry-After, not a 500 and a stack trace; the
+    # transaction was rolled back, and the services reconnect by themselves.
+    logging.getLogger("bridgepost.web").warning("database unavailable (%s): answered 503", type(exc).__name__)
+    headers = {"Retry-After": "5"}
+    if request.url.path.startswith("/api/") or "json" in request.headers.get("accept", ""):
+        return JSONResponse({"detail": UNAVAILABLE}, status_code=503, headers=headers)
+    return HTMLResponse(f"<!doctype html><meta charset=utf-8><title>503</title><p>{UNAVAILABLE}</p>",
+                        status_code=503, headers=headers)
+
+
+def guard_input(app: FastAPI, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+    """What every service does about hostile requests: a body size limit (the largest valid request of
+    the service, with room), clean errors for unreadable bodies, no NUL characters in paths and queries;
+    and 503 (not 500) while the database is away."""
+    from sqlalchemy import exc as sa_exc
+    app.add_exception_handler(StarletteHTTPException, _unreadable_body)
+    for unavailable in (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError, ConnectionError):
+        app.add_exception_handler(unavailable, _database_unavailable)
+    app.add_middleware(RefuseNul)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
 
 
 Samples = Mapping[tuple[str, ...], float]

@@ -624,6 +624,7 @@ async def test_postgres_restarted_under_load_services_recover_by_themselves(
         async with open_stack("postgres", broker, sink, urls) as stack:
             accepted: list[str] = []
             refused = 0
+            answers: list[int] = []  # what a sign-up got while the database was away
             stop = asyncio.Event()
 
             async def drive() -> None:
@@ -639,6 +640,7 @@ async def test_postgres_restarted_under_load_services_recover_by_themselves(
                             accepted.append(addr)
                         else:
                             refused += 1
+                            answers.append(r.status_code)
                     await asyncio.sleep(0.05)
             drivers = [asyncio.create_task(drive()) for _ in range(3)]
             await asyncio.sleep(2.0)
@@ -649,6 +651,7 @@ async def test_postgres_restarted_under_load_services_recover_by_themselves(
             stop.set()
             await asyncio.gather(*drivers)
             assert len(accepted) > before + 5  # sign-ups went on being accepted after the restart
+            assert set(answers) <= {503}, answers  # a clear "try again" while it was away, never a 500
             await all_mailed(stack, sink, accepted, timeout=60)
             delivered = time.monotonic() - back
 

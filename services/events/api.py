@@ -8,16 +8,16 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from pydantic_core import PydanticCustomError
 from sqlalchemy import func, select
 
 from services.events import store
-from services.events.domain import EventCreate, EventPatch, RegistrationIn
+from services.events.domain import EventCreate, EventPatch, RegistrationIn, texts
 from services.events.usecases import Conflict, Events, NotFound, RegistrationRefused
 from shared.auth import Staff, audit, authenticate, require_role
 from shared.messages import EventSnapshot
-from shared.web import client_ip
+from shared.web import STAFF_ERRORS, client_ip, json_errors
 
 router = APIRouter(prefix="/api/v1")
 Editor = Annotated[Staff, Depends(require_role("editor"))]
@@ -39,11 +39,33 @@ class EventOut(EventSnapshot):
 class CancelIn(BaseModel):
     message: dict[str, str] = Field(default_factory=dict, description="Note to registrants by language")
 
+    @field_validator("message")
+    @classmethod
+    def _message(cls, value: dict[str, str]) -> dict[str, str]:
+        return texts(value, required_de=False, limit=2000)
+
 
 class RegistrationOut(BaseModel):
     status: Literal["confirmed", "waitlisted"]
     registration_id: str
     position: int | None = Field(None, description="Place on the waiting list (1 = next)")
+
+
+class RegistrationItem(BaseModel):
+    id: str
+    email: str
+    name: str | None
+    language: str
+    status: str
+    waitlist_position: int | None
+    registered_at: str
+    newsletter: bool
+
+
+class RegistrationList(BaseModel):
+    items: list[RegistrationItem]
+    confirmed: int
+    waitlisted: int
 
 
 def _events(request: Request) -> Events:
@@ -87,7 +109,7 @@ async def _is_staff(request: Request) -> bool:
 
 # --- staff ---------------------------------------------------------------------------------------------
 
-@router.post("/events", status_code=201, response_model=EventOut, tags=["staff"])
+@router.post("/events", status_code=201, response_model=EventOut, tags=["staff"], responses=STAFF_ERRORS)
 async def create_event(data: EventCreate, request: Request, staff: Editor) -> EventOut:
     """Create a draft (invisible to the public until published)."""
     async with request.app.state.db.transaction() as s:
@@ -96,7 +118,8 @@ async def create_event(data: EventCreate, request: Request, staff: Editor) -> Ev
     return await event_out(request, await _row(request, event_id, True))
 
 
-@router.patch("/events/{event_id}", response_model=EventOut, tags=["staff"])
+@router.patch("/events/{event_id}", response_model=EventOut, tags=["staff"],
+              responses={**STAFF_ERRORS, **json_errors(404, 409)})
 async def change_event(event_id: str, patch: EventPatch, request: Request, staff: Editor) -> EventOut:
     """Change an event. Editors change drafts; changing a published event needs a publisher."""
     row = await _row(request, event_id, True)
@@ -114,7 +137,8 @@ async def change_event(event_id: str, patch: EventPatch, request: Request, staff
     return await event_out(request, await _row(request, event_id, True))
 
 
-@router.post("/events/{event_id}/publish", response_model=EventOut, tags=["staff"])
+@router.post("/events/{event_id}/publish", response_model=EventOut, tags=["staff"],
+             responses={**STAFF_ERRORS, **json_errors(404, 409)})
 async def publish_event(event_id: str, request: Request, staff: Publisher) -> EventOut:
     try:
         async with request.app.state.db.transaction() as s:
@@ -127,21 +151,23 @@ async def publish_event(event_id: str, request: Request, staff: Publisher) -> Ev
     return await event_out(request, await _row(request, event_id, True))
 
 
-@router.post("/events/{event_id}/cancel", response_model=EventOut, tags=["staff"])
+@router.post("/events/{event_id}/cancel", response_model=EventOut, tags=["staff"],
+             responses={**STAFF_ERRORS, **json_errors(404)})
 async def cancel_event(event_id: str, request: Request, staff: Publisher, body: CancelIn | None = None) -> EventOut:
     """Cancel: registrants get a cancellation notice with METHOD:CANCEL."""
     message = (body or CancelIn()).message
     try:
         async with request.app.state.db.transaction() as s:
-            await _events(request).cancel(s, event_id, {k: v[:2000] for k, v in message.items()},
-                                          request.state.correlation_id)
+            await _events(request).cancel(s, event_id, message, request.state.correlation_id)
             await audit(s, store.infra, staff, "event.cancel", event_id)
     except NotFound as exc:
         raise HTTPException(404, "no such event") from exc
     return await event_out(request, await _row(request, event_id, True))
 
 
-@router.get("/events/{event_id}/registrations", tags=["staff"])
+@router.get("/events/{event_id}/registrations", response_model=RegistrationList, tags=["staff"],
+            responses={200: {"content": {"text/csv": {"schema": {"type": "string"}}}},
+                       **STAFF_ERRORS, **json_errors(404)})
 async def list_registrations(event_id: str, request: Request, staff: Publisher,
                              format: Literal["json", "csv"] = "json") -> Any:
     """Attendees and the waiting list in order; `?format=csv` for a spreadsheet."""
@@ -180,12 +206,14 @@ async def list_events(request: Request, region: str | None = Query(None, max_len
     return [await event_out(request, r) for r in rows]
 
 
-@router.get("/events/{event_id}", response_model=EventOut, tags=["public"])
+@router.get("/events/{event_id}", response_model=EventOut, tags=["public"], responses=json_errors(404))
 async def get_event(event_id: str, request: Request) -> EventOut:
     return await event_out(request, await _row(request, event_id, await _is_staff(request)))
 
 
-@router.post("/events/{event_id}/registrations", status_code=201, response_model=RegistrationOut, tags=["public"])
+@router.post("/events/{event_id}/registrations", status_code=201, response_model=RegistrationOut, tags=["public"],
+             responses={200: {"model": RegistrationOut, "description": "Registered before: that registration"},
+                        **json_errors(404, 409, 413)})
 async def register_json(event_id: str, data: RegistrationIn, request: Request) -> Any:
     """Register (JSON). The same as POST /events/{id}/register with a JSON body."""
     return await register(request, event_id, data)

@@ -18,7 +18,7 @@ from shared.kafka import create_broker
 from shared.outbox import OutboxRelay
 from shared.runtime import Runtime, add_correlation_ids
 from shared.topics import TopicNames
-from shared.web import BodyLimit, Metrics, Pages, add_operational_routes, template_environment
+from shared.web import Metrics, Pages, add_operational_routes, guard_input, template_environment
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 TEMPLATES = Path(__file__).with_name("templates")
@@ -73,5 +73,6 @@ def create_app(settings: EventsSettings) -> FastAPI:
     add_operational_routes(app, metrics, {"database": db.ping, "broker": runtime.broker_ready},
                            refresh=lambda: runtime.refresh_metrics(metrics, []))
     add_correlation_ids(app)
-    app.add_middleware(BodyLimit)
+    # An event's texts in seven languages (descriptions up to 10,000 characters each) fit.
+    guard_input(app, max_body_bytes=1024 * 1024)
     return app

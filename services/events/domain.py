@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Annotated, Literal
 from zoneinfo import ZoneInfo
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, UrlConstraints, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from shared.addresses import normalise_email
@@ -25,13 +25,23 @@ def aware(value: datetime, zone: ZoneInfo = BERLIN) -> datetime:
     return value.astimezone(UTC).replace(microsecond=0)  # calendars know seconds, not less
 
 
-def _texts(value: dict[str, str], required_de: bool, limit: int) -> dict[str, str]:
+def plain_text(value: str, one_line: bool) -> str:
+    """Refuses control characters (a title ends up in mail subjects: CR/LF there would add headers);
+    line breaks only where the text may have several lines."""
+    allowed = "" if one_line else "\n\r\t"
+    if any((ord(c) < 32 or ord(c) == 127) and c not in allowed for c in value):
+        raise PydanticCustomError("control_characters", "control characters are not allowed" +
+                                  (" (it must be one line)" if one_line else ""))
+    return value
+
+
+def texts(value: dict[str, str], required_de: bool, limit: int, one_line: bool = False) -> dict[str, str]:
     taxonomy = load_taxonomy()
     clean: dict[str, str] = {}
     for lang, text in value.items():
         if lang not in taxonomy.languages:
             raise PydanticCustomError("unknown_language", "unknown language {value!r}", {"value": lang[:20]})
-        text = text.strip()
+        text = plain_text(text.strip(), one_line)
         if len(text) > limit:
             raise PydanticCustomError("too_long", "at most {max} characters", {"max": limit})
         if text:
@@ -52,6 +62,17 @@ def _known(dimension: str, values: list[str], code: str) -> list[str]:
 class PlaceIn(Place):
     name: str = Field(min_length=1, max_length=300)
     address: str = Field("", max_length=500)
+
+    @field_validator("name", "address")
+    @classmethod
+    def _plain(cls, v: str) -> str:
+        return plain_text(v, one_line=True)
+
+
+# The column holds 1000 characters; longer is refused here rather than by the database (a 500).
+OnlineUrl = Annotated[HttpUrl, UrlConstraints(max_length=1000)]
+# May be given as null in a patch: it removes the place or link, the limit, the deadline (or keeps the segment).
+NULLABLE = frozenset({"location", "online_url", "capacity", "registration_deadline", "segment"})
 
 
 class EventFields(BaseModel):
@@ -81,12 +102,12 @@ class EventFields(BaseModel):
     @field_validator("title", check_fields=False)
     @classmethod
     def _title(cls, v: dict[str, str] | None) -> dict[str, str] | None:
-        return None if v is None else _texts(v, required_de=True, limit=200)
+        return None if v is None else texts(v, required_de=True, limit=200, one_line=True)
 
     @field_validator("description", check_fields=False)
     @classmethod
     def _description(cls, v: dict[str, str] | None) -> dict[str, str] | None:
-        return None if v is None else _texts(v, required_de=False, limit=10000)
+        return None if v is None else texts(v, required_de=False, limit=10000)
 
     @field_validator("starts_at", "ends_at", "registration_deadline", check_fields=False)
     @classmethod
@@ -101,7 +122,7 @@ class EventCreate(EventFields):
     starts_at: datetime = Field(description="ISO 8601; without zone it is Europe/Berlin")
     ends_at: datetime
     location: PlaceIn | None = None
-    online_url: HttpUrl | None = None
+    online_url: OnlineUrl | None = None
     region: str = Field(examples=["stendal"])
     topics: list[str] = Field(default_factory=list, max_length=20)
     segment: SegmentIn = Field(default_factory=SegmentIn, description="Who an announcement is for (SPEC §2.3)")
@@ -122,13 +143,20 @@ class EventPatch(EventFields):
     starts_at: datetime | None = None
     ends_at: datetime | None = None
     location: PlaceIn | None = None
-    online_url: HttpUrl | None = None
+    online_url: OnlineUrl | None = None
     region: str | None = None
     topics: list[str] | None = Field(None, max_length=20)
     segment: SegmentIn | None = None
     capacity: int | None = Field(None, ge=0, le=100000)
     registration_deadline: datetime | None = None
     announce: bool | None = None
+
+    @model_validator(mode="after")
+    def _null_only_where_meaningful(self) -> EventPatch:
+        nulls = sorted(f for f in self.model_fields_set - NULLABLE if getattr(self, f) is None)
+        if nulls:
+            raise PydanticCustomError("null_not_allowed", "cannot be null: {fields}", {"fields": ", ".join(nulls)})
+        return self
 
 
 def check(starts_at: datetime, ends_at: datetime, deadline: datetime | None, location, online_url) -> None:

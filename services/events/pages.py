@@ -13,17 +13,31 @@ from pydantic import ValidationError
 from sqlalchemy import func, select
 
 from services.events import store
-from services.events.api import REFUSALS, register
+from services.events.api import REFUSALS, RegistrationOut, register
 from services.events.domain import RegistrationIn, registration_open
 from services.events.usecases import Events, NotFound, RegistrationRefused
 from shared import ics
 from shared.dates import when
 from shared.db import utcnow
 from shared.taxonomy import load_taxonomy
-from shared.web import Pages, client_ip
+from shared.web import Pages, client_ip, form_body, json_errors, page_errors, read_form
 
 router = APIRouter()
 MAX_FORM_VALUES = 20
+_HTML = {"text/html": {"schema": {"type": "string"}}}
+# The event page's form gets pages; a JSON body gets JSON (the same as POST /api/v1/events/{id}/registrations).
+REGISTER_RESPONSES: dict[int | str, dict[str, Any]] = {
+    201: {"description": "Registered (a place or the waiting list)", "content": _HTML},
+    200: {"description": "Registered before: that registration", "model": RegistrationOut, "content": _HTML},
+    **{code: {**error, "content": _HTML} for code, error in json_errors(404, 409, 422).items()},
+    **json_errors(413),
+}
+REGISTER_BODY = form_body(RegistrationIn)
+REGISTER_BODY["requestBody"]["content"]["application/json"] = {"schema": RegistrationIn.model_json_schema()}
+
+
+class CalendarResponse(Response):
+    media_type = "text/calendar"  # Starlette adds the charset
 
 
 def _state(request: Request) -> tuple[Events, Pages]:
@@ -69,7 +83,7 @@ async def calendar(request: Request, region: str = "", topic: str = "", kind: st
                         filters={"region": region, "topic": topic, "kind": kind})
 
 
-@router.get("/events.ics", tags=["public pages"])
+@router.get("/events.ics", response_class=CalendarResponse, tags=["public pages"])
 async def feed(request: Request, region: str = "", topic: str = "", lang: str = "de") -> Response:
     """iCalendar feed of upcoming events (subscribe to it in a calendar application)."""
     events, pages = _state(request)
@@ -77,8 +91,8 @@ async def feed(request: Request, region: str = "", topic: str = "", lang: str = 
     rows = await request.app.state.listing(region=region or None, topic=topic or None, kind=None)
     body = ics.feed([events.snapshot(r) for r in rows], language, request.app.state.domain,
                     request.app.state.settings.organisation_name)
-    return Response(body, media_type="text/calendar; charset=utf-8",
-                    headers={"Content-Disposition": 'inline; filename="events.ics"', "Cache-Control": "max-age=300"})
+    return CalendarResponse(body, headers={"Content-Disposition": 'inline; filename="events.ics"',
+                                           "Cache-Control": "max-age=300"})
 
 
 async def _event_row(request: Request, event_id: str):
@@ -96,7 +110,7 @@ def _not_found(request: Request, pages: Pages, lang: str) -> HTMLResponse:
                         link_text=pages.tr.gettext(lang, "events.back"))
 
 
-@router.get("/events/{event_id}", response_class=HTMLResponse, tags=["public pages"])
+@router.get("/events/{event_id}", response_class=HTMLResponse, tags=["public pages"], responses=page_errors(404))
 async def event_page(request: Request, event_id: str) -> HTMLResponse:
     events, pages = _state(request)
     lang = pages.language(request)
@@ -108,7 +122,8 @@ async def event_page(request: Request, event_id: str) -> HTMLResponse:
                         refused=refused, form={"language": lang}, errors={})
 
 
-@router.post("/events/{event_id}/register", tags=["public pages"])
+@router.post("/events/{event_id}/register", status_code=201, response_model=RegistrationOut, tags=["public pages"],
+             responses=REGISTER_RESPONSES, openapi_extra=REGISTER_BODY)
 async def register_page(request: Request, event_id: str) -> Response:
     """Register from the event page's form, or with a JSON body (then the answer is JSON)."""
     events, pages = _state(request)
@@ -118,14 +133,17 @@ async def register_page(request: Request, event_id: str) -> Response:
         except ValidationError as exc:
             raise HTTPException(422, exc.errors(include_url=False, include_input=False)) from exc
         return await register(request, event_id, data)
-    form = await request.form(max_files=0, max_fields=MAX_FORM_VALUES)
-    data = {k: v for k, v in form.items() if isinstance(v, str)}
+    form = await read_form(request, MAX_FORM_VALUES)
+    data = {k: v for k, v in (form or {}).items() if isinstance(v, str)}
     data["newsletter"] = data.get("newsletter") in ("true", "on", "yes", "1")
     lang = pages.language(request, data.get("language"))
     row = await _event_row(request, event_id)
     if row is None:
         return _not_found(request, pages, lang)
     event = view(events, row, lang, await _counts(request, row.id))
+    if form is None:
+        return pages.render(request, "event.html", lang, status_code=422, event=event, refused=None,
+                            form={"language": lang}, errors={"form": pages.tr.gettext(lang, "errors.invalid")})
     try:
         reg = RegistrationIn.model_validate(data)
     except ValidationError as exc:
@@ -159,7 +177,7 @@ def _invalid_link(request: Request, pages: Pages, lang: str) -> HTMLResponse:
                         link_text=pages.tr.gettext(lang, "events.back"))
 
 
-@router.get("/registrations/cancel", response_class=HTMLResponse, tags=["public pages"])
+@router.get("/registrations/cancel", response_class=HTMLResponse, tags=["public pages"], responses=page_errors(404))
 async def cancel_page(request: Request, token: str = "") -> HTMLResponse:
     """Shows what would be cancelled and a button; changes nothing."""
     events, pages = _state(request)
@@ -171,11 +189,13 @@ async def cancel_page(request: Request, token: str = "") -> HTMLResponse:
                         already=row.status == "cancelled")
 
 
-@router.post("/registrations/cancel", response_class=HTMLResponse, tags=["public pages"])
+@router.post("/registrations/cancel", response_class=HTMLResponse, tags=["public pages"],
+             responses={**page_errors(404), **json_errors(413, page=True)},
+             openapi_extra=form_body(fields={"token": {"type": "string", "description": "From the link in the mail"}}))
 async def cancel_submit(request: Request, token: str = "") -> HTMLResponse:
     events, pages = _state(request)
-    form = await request.form(max_files=0, max_fields=MAX_FORM_VALUES)
-    token = token or str(form.get("token") or "")
+    form = await read_form(request, MAX_FORM_VALUES)
+    token = token or str((form or {}).get("token") or "")
     ok, row = await events.cancel_registration(token, request.state.correlation_id)
     lang = pages.language(request, row.language if row else None)
     if not ok:

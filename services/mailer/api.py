@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 from sqlalchemy import func, insert, select, update
 
@@ -21,8 +21,9 @@ from shared.auth import Staff, audit, require_role
 from shared.db import utcnow
 from shared.segment import SegmentIn
 from shared.taxonomy import load_taxonomy
+from shared.web import STAFF_ERRORS, json_errors, unprocessable
 
-router = APIRouter(prefix="/api/v1")
+router = APIRouter(prefix="/api/v1", responses=STAFF_ERRORS)  # all of it is staff API
 Editor = Annotated[Staff, Depends(require_role("editor"))]
 
 
@@ -58,6 +59,11 @@ def _texts(value: dict[str, str], field: str, check, limit: int) -> dict[str, st
             raise PydanticCustomError("unknown_language", "unknown language {value!r}", {"value": lang[:20]})
         if len(text) > limit:
             raise PydanticCustomError("too_long", "at most {max} characters", {"max": limit})
+        # A subject goes into a header: not even a tab (the renderer refuses it when sending, too late).
+        allowed = "" if field == "subject" else "\r\n\t"
+        if any((ord(c) < 32 or ord(c) == 127) and c not in allowed for c in text):
+            raise PydanticCustomError("control_characters", "{lang}: control characters are not allowed",
+                                      {"lang": lang})
         try:
             check(text)
         except UnsafeTemplate as exc:
@@ -103,8 +109,15 @@ class CampaignIn(CampaignFields):
 class CampaignPatch(CampaignFields):
     subject: dict[str, str] | None = None
     body_markdown: dict[str, str] | None = None
-    segment: SegmentIn | None = None
-    scheduled_at: datetime | None = None
+    segment: SegmentIn | None = Field(None, description="null: unchanged")
+    scheduled_at: datetime | None = Field(None, description="null: no schedule (send when told to)")
+
+    @model_validator(mode="after")
+    def _texts_not_null(self) -> CampaignPatch:
+        nulls = sorted(f for f in self.model_fields_set & {"subject", "body_markdown"} if getattr(self, f) is None)
+        if nulls:
+            raise PydanticCustomError("null_not_allowed", "cannot be null: {fields}", {"fields": ", ".join(nulls)})
+        return self
 
 
 class CampaignOut(BaseModel):
@@ -128,7 +141,32 @@ class SegmentCount(BaseModel):
 class TestSend(BaseModel):
     email: str = Field(max_length=254)
     language: str = "de"
-    name: str | None = Field("Test", max_length=200)
+    name: str | None = Field("Test", max_length=200, description="Shown in the To header: one line")
+
+    @field_validator("name")
+    @classmethod
+    def _one_line(cls, v: str | None) -> str | None:
+        if v is not None and any(ord(c) < 32 or ord(c) == 127 for c in v):
+            raise PydanticCustomError("control_characters", "control characters (CR/LF and others) are not allowed")
+        return v
+
+
+class Count(BaseModel):
+    count: int
+
+
+class Preview(BaseModel):
+    subject: str
+    language: str
+    html: str
+    text: str
+    falls_back: bool = Field(description="This language has no text of its own: the German one is shown")
+    fallback_languages: list[str]
+
+
+class Queued(BaseModel):
+    mail_id: str
+    status: Literal["queued"]
 
 
 def _campaigns(request: Request) -> Campaigns:
@@ -161,7 +199,8 @@ async def create_campaign(data: CampaignIn, request: Request, staff: Editor) -> 
     return await _out(request, await _campaign(request, campaign_id))
 
 
-@router.patch("/campaigns/{campaign_id}", response_model=CampaignOut, tags=["campaigns"])
+@router.patch("/campaigns/{campaign_id}", response_model=CampaignOut, tags=["campaigns"],
+              responses=json_errors(404, 409))
 async def change_campaign(campaign_id: str, patch: CampaignPatch, request: Request, staff: Editor) -> CampaignOut:
     values = patch.model_dump(exclude_unset=True)
     if "segment" in values and values["segment"] is None:
@@ -171,7 +210,9 @@ async def change_campaign(campaign_id: str, patch: CampaignPatch, request: Reque
             store.campaigns.c.id == campaign_id, store.campaigns.c.status == "draft")
             .values(updated_at=utcnow(), **values))
         if not result.rowcount:
-            await _campaign(request, campaign_id)
+            # In this transaction's session: SQLite has one connection, a second session would wait for it.
+            if await s.scalar(select(store.campaigns.c.id).where(store.campaigns.c.id == campaign_id)) is None:
+                raise HTTPException(404, "no such campaign")
             raise HTTPException(409, "only a draft can be changed")
         await audit(s, store.infra, staff, "campaign.change", campaign_id, fields=sorted(values))
     return await _out(request, await _campaign(request, campaign_id))
@@ -185,26 +226,27 @@ async def list_campaigns(request: Request, staff: Editor, limit: int = Query(50,
     return [await _out(request, r) for r in rows]
 
 
-@router.get("/campaigns/{campaign_id}", response_model=CampaignOut, tags=["campaigns"])
+@router.get("/campaigns/{campaign_id}", response_model=CampaignOut, tags=["campaigns"], responses=json_errors(404))
 async def get_campaign(campaign_id: str, request: Request, staff: Editor) -> CampaignOut:
     """Status and counts (pending, sending, sent, retrying, failed, ambiguous, skipped, cancelled)."""
     return await _out(request, await _campaign(request, campaign_id))
 
 
-@router.post("/segments/count", tags=["campaigns"])
+@router.post("/segments/count", response_model=Count, tags=["campaigns"])
 async def count_segment(body: SegmentCount, request: Request, staff: Editor) -> dict[str, int]:
     """How many active subscribers a segment reaches right now."""
     async with request.app.state.db.sessions() as s:
         return {"count": len(await _campaigns(request).recipients(s, body.segment))}
 
 
-@router.get("/campaigns/{campaign_id}/preview", tags=["campaigns"])
+@router.get("/campaigns/{campaign_id}/preview", response_model=Preview, tags=["campaigns"],
+            responses=json_errors(404))
 async def preview_campaign(campaign_id: str, request: Request, staff: Editor,
                            language: str = Query("de", max_length=8)) -> dict[str, Any]:
     """The mail as a recipient in `language` gets it, and which languages fall back to German."""
     campaign = await _campaign(request, campaign_id)
     if language not in load_taxonomy().languages:
-        raise HTTPException(422, f"unknown language {language!r}")
+        raise unprocessable(f"unknown language {language!r}", "unknown_language", ("query", "language"))
     rendered = _campaigns(request).render_for(campaign, "erika@example.org", "Erika Beispiel", language,
                                                "preview.token")
     msg = rendered.message
@@ -214,14 +256,15 @@ async def preview_campaign(campaign_id: str, request: Request, staff: Editor,
             "falls_back": language in missing, "fallback_languages": missing}
 
 
-@router.post("/campaigns/{campaign_id}/test", status_code=202, tags=["campaigns"])
+@router.post("/campaigns/{campaign_id}/test", status_code=202, response_model=Queued, tags=["campaigns"],
+             responses=json_errors(404))
 async def test_send(campaign_id: str, body: TestSend, request: Request, staff: Editor) -> dict[str, str]:
     """Send the campaign once to one address (e.g. your own) to see it in a mail client."""
     campaign = await _campaign(request, campaign_id)
     try:
         email = normalise_email(body.email)
     except ValueError as exc:
-        raise HTTPException(422, [{"loc": ["body", "email"], "msg": str(exc), "type": "email_invalid"}]) from exc
+        raise unprocessable(str(exc), "email_invalid", ("body", "email")) from exc
     rendered = _campaigns(request).render_for(campaign, email, body.name, body.language, "test.link")
     async with request.app.state.db.transaction() as s:
         mail_id = await enqueue_mail(s, rendered, dedupe_key=f"test:{uuid.uuid4()}", kind="test", recipient=email,
@@ -230,7 +273,8 @@ async def test_send(campaign_id: str, body: TestSend, request: Request, staff: E
     return {"mail_id": mail_id, "status": "queued"}
 
 
-@router.post("/campaigns/{campaign_id}/send", response_model=CampaignOut, tags=["campaigns"])
+@router.post("/campaigns/{campaign_id}/send", response_model=CampaignOut, tags=["campaigns"],
+             responses=json_errors(404, 409))
 async def send_campaign(campaign_id: str, request: Request, staff: Publisher) -> CampaignOut:
     """Send now, or at `scheduled_at` if that is in the future."""
     campaign = await _campaign(request, campaign_id)
@@ -247,7 +291,8 @@ async def send_campaign(campaign_id: str, request: Request, staff: Publisher) ->
     return await _out(request, await _campaign(request, campaign_id))
 
 
-@router.post("/campaigns/{campaign_id}/{action}", response_model=CampaignOut, tags=["campaigns"])
+@router.post("/campaigns/{campaign_id}/{action}", response_model=CampaignOut, tags=["campaigns"],
+             responses=json_errors(404, 409))
 async def control_campaign(campaign_id: str, action: Literal["pause", "resume", "cancel"], request: Request,
                            staff: Publisher) -> CampaignOut:
     """Pause (stops within seconds), resume (continues where it stopped), cancel (stops for good)."""

@@ -24,7 +24,7 @@ from shared.logs import log_context
 from shared.outbox import OutboxRelay
 from shared.runtime import Runtime, add_correlation_ids
 from shared.topics import TopicNames
-from shared.web import BodyLimit, Metrics, add_operational_routes
+from shared.web import Metrics, add_operational_routes, guard_input
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -45,7 +45,8 @@ def create_app(settings: MailerSettings) -> FastAPI:
     campaigns = Campaigns(db, renderer, settings, sender.pool, sender.limiter)
     dead_letters = register_handlers(broker, settings, names, transactional, event_mail, campaigns)
     runtime = Runtime("mailer", settings, db, broker, names, relay)
-    runtime.every(1.0, campaigns.sweep)
+    db.on_commit("campaigns", campaigns.wake.set)
+    runtime.every(1.0, campaigns.sweep, wake=campaigns.wake)
     metrics = Metrics("mailer", consumers=dead_letters, relay=relay)
     mail_metrics = MailMetrics(db, metrics)
 
@@ -76,5 +77,6 @@ def create_app(settings: MailerSettings) -> FastAPI:
     add_operational_routes(app, metrics, {"database": db.ping, "broker": runtime.broker_ready},
                            refresh=refresh_metrics)
     add_correlation_ids(app)
-    app.add_middleware(BodyLimit)
+    # A newsletter in seven languages (up to 100,000 characters each, JSON-escaped) fits.
+    guard_input(app, max_body_bytes=4 * 1024 * 1024)
     return app

@@ -79,6 +79,7 @@ class Campaigns:
         # Campaigns this instance knows to be paused or cancelled (its own actions at once, the others'
         # from the sweep within a second): a connection stops between two mails, not after its group.
         self._halted: dict[str, str] = {}
+        self.wake = asyncio.Event()  # set after a commit that scheduled a campaign: the sweep runs at once
 
     # --- content -----------------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from services.mailer.render import MailRenderer, Recipient
 from services.mailer.transactional import enqueue_mail
 from shared import ics, messages
 from shared.dates import when
-from shared.db import Database, utcnow
+from shared.db import Database, utcnow, wake_after_commit
 from shared.kafka import mark_processed
 
 log = logging.getLogger(__name__)
@@ -31,8 +31,13 @@ ACTIVE = ("confirmed", "waitlisted")
 
 
 def literal(text: str) -> str:
-    """Staff text inside a generated campaign body: shown as written, never read as placeholders."""
-    return "{% raw %}" + text.replace("{% endraw %}", "") + "{% endraw %}" if "{" in text else text
+    """Staff text inside a generated campaign body: shown as written, never read as placeholders.
+
+    Every `{` becomes an expression that prints it. (A `{% raw %}` block can be ended from inside the
+    text — `{%endraw%}`, `{% endr{% endraw %}aw %}` — and what Markdown keeps from a placeholder it
+    would not escape.)
+    """
+    return text.replace("{", "{{ '{' }}")
 
 
 class EventMail:
@@ -138,6 +143,7 @@ class EventMail:
             id=str(uuid.uuid4()), kind="announcement", subject=subjects, body_markdown=bodies,
             segment=event.segment.model_dump(), status="scheduled", scheduled_at=now, event_id=snapshot.event_id,
             created_by="event publication", created_at=now, updated_at=now))
+        wake_after_commit(s, "campaigns")  # the sweep starts it right after this commit, not on its next round
 
     def announcement_body(self, snapshot: messages.EventSnapshot, lang: str) -> str:
         tr = self.renderer.tr

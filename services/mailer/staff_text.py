@@ -57,14 +57,18 @@ def _text_template(source: str) -> Template:
 
 
 def _markdown_to_template(markdown_source: str) -> str:
-    """Markdown → HTML with the placeholders kept as they were (Markdown would URL-encode one in a link)."""
+    """Markdown → HTML with the placeholders kept as they were (Markdown would URL-encode one in a link).
+
+    Any other brace in the HTML becomes an entity: Markdown decodes `&#123;` and `\\{` into `{`, so
+    text that `check_template` saw as plain could otherwise turn into template code here.
+    """
     found: list[str] = []
 
     def hide(match: re.Match[str]) -> str:
         found.append(match.group(0))
         return f"bpplaceholder{len(found) - 1}x"
 
-    html = _markdown.render(_PLACEHOLDER.sub(hide, markdown_source))
+    html = _markdown.render(_PLACEHOLDER.sub(hide, markdown_source)).replace("{", "&#123;").replace("}", "&#125;")
     for index, original in enumerate(found):
         html = html.replace(f"bpplaceholder{index}x", original)
     return html

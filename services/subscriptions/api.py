@@ -10,15 +10,16 @@ from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import func, select
 
 from services.subscriptions import store
-from services.subscriptions.domain import STATUSES, SignupRequest, normalise_email
+from services.subscriptions.domain import SignupRequest, Status, normalise_email
 from services.subscriptions.usecases import RateLimited, RequestContext, Subscriptions
 from shared.auth import Staff, audit, require_role
 from shared.taxonomy import load_taxonomy
-from shared.web import client_ip
+from shared.web import STAFF_ERRORS, client_ip, json_errors
 
 router = APIRouter(prefix="/api/v1")
 s_ = store.subscribers
 Admin = Annotated[Staff, Depends(require_role("admin"))]
+ADMIN_404 = {**STAFF_ERRORS, **json_errors(404)}
 
 
 class Accepted(BaseModel):
@@ -70,7 +71,7 @@ def _subscriptions(request: Request) -> Subscriptions:
 
 
 @router.post("/subscriptions", status_code=202, response_model=Accepted, tags=["public"],
-             responses={429: {"description": "Too many sign-ups from this client"}})
+             responses=json_errors(413, 429))
 async def subscribe(signup: SignupRequest, request: Request) -> Any:
     """Sign up (double opt-in). The answer is the same whether or not the address is known."""
     settings = request.app.state.settings
@@ -97,16 +98,14 @@ async def _row(request: Request, subscriber_id: str):
     return row
 
 
-@router.get("/subscribers", response_model=SubscriberPage, tags=["staff"])
+@router.get("/subscribers", response_model=SubscriberPage, tags=["staff"], responses=STAFF_ERRORS)
 async def list_subscribers(
     request: Request, staff: Admin,
-    email: str | None = Query(None, max_length=320), status: str | None = Query(None),
+    email: str | None = Query(None, max_length=320), status: Status | None = Query(None),
     group: str | None = Query(None, max_length=64), region: str | None = Query(None, max_length=64),
     topic: str | None = Query(None, max_length=64), language: str | None = Query(None, max_length=8),
     limit: int = Query(50, ge=1, le=1000), offset: int = Query(0, ge=0),
 ) -> SubscriberPage:
-    if status is not None and status not in STATUSES:
-        raise HTTPException(422, f"status must be one of {', '.join(STATUSES)}")
     query = select(s_)
     if email:
         try:
@@ -129,12 +128,12 @@ async def list_subscribers(
                           limit=limit, offset=offset)
 
 
-@router.get("/subscribers/{subscriber_id}", response_model=Subscriber, tags=["staff"])
+@router.get("/subscribers/{subscriber_id}", response_model=Subscriber, tags=["staff"], responses=ADMIN_404)
 async def get_subscriber(subscriber_id: str, request: Request, staff: Admin) -> Subscriber:
     return _subscriber(await _row(request, subscriber_id))
 
 
-@router.patch("/subscribers/{subscriber_id}", response_model=Subscriber, tags=["staff"])
+@router.patch("/subscribers/{subscriber_id}", response_model=Subscriber, tags=["staff"], responses=ADMIN_404)
 async def patch_subscriber(subscriber_id: str, patch: SubscriberPatch, request: Request, staff: Admin) -> Subscriber:
     """Assign partner groups and the audience kind (staff only; subscribers cannot set these)."""
     subscriptions = _subscriptions(request)
@@ -149,7 +148,7 @@ async def patch_subscriber(subscriber_id: str, patch: SubscriberPatch, request: 
     return _subscriber(await _row(request, subscriber_id))
 
 
-@router.get("/subscribers/{subscriber_id}/export", tags=["staff"])
+@router.get("/subscribers/{subscriber_id}/export", tags=["staff"], responses=ADMIN_404)
 async def export_subscriber(subscriber_id: str, request: Request, staff: Admin) -> JSONResponse:
     """GDPR Art. 15 export: everything stored about one subscriber, including the consent log."""
     row = await _row(request, subscriber_id)
@@ -164,7 +163,7 @@ async def export_subscriber(subscriber_id: str, request: Request, staff: Admin) 
     return JSONResponse(body, headers={"Content-Disposition": disposition})
 
 
-@router.delete("/subscribers/{subscriber_id}", status_code=200, tags=["staff"])
+@router.delete("/subscribers/{subscriber_id}", status_code=200, tags=["staff"], responses=ADMIN_404)
 async def erase_subscriber(subscriber_id: str, request: Request, staff: Admin) -> dict[str, str]:
     """GDPR erasure: personal data removed, the address hash kept on the suppression list."""
     subscriptions = _subscriptions(request)
@@ -179,7 +178,7 @@ async def erase_subscriber(subscriber_id: str, request: Request, staff: Admin) -
     return {"id": subscriber_id, "status": "erased"}
 
 
-@router.get("/suppressions/count", tags=["staff"])
+@router.get("/suppressions/count", tags=["staff"], responses=STAFF_ERRORS)
 async def suppression_count(request: Request, staff: Admin) -> dict[str, int]:
     async with request.app.state.db.sessions() as s:
         return {"count": int(await s.scalar(select(func.count()).select_from(store.suppressions)) or 0)}

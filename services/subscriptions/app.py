@@ -18,7 +18,7 @@ from shared.kafka import create_broker
 from shared.outbox import OutboxRelay
 from shared.runtime import Runtime, add_correlation_ids
 from shared.topics import TopicNames
-from shared.web import BodyLimit, Metrics, Pages, add_operational_routes, template_environment
+from shared.web import Metrics, Pages, add_operational_routes, guard_input, template_environment
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 TEMPLATES = Path(__file__).with_name("templates")
@@ -62,5 +62,5 @@ def create_app(settings: SubscriptionsSettings) -> FastAPI:
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["POST", "GET"],
                            allow_headers=["Content-Type"], max_age=3600)
-    app.add_middleware(BodyLimit)
+    guard_input(app)
     return app

@@ -7,7 +7,7 @@ import ipaddress
 import secrets
 import unicodedata
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import Literal, get_args
 from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -17,7 +17,8 @@ from shared.addresses import email_hash, normalise_email  # noqa: F401 - part of
 from shared.signing import LinkSigner
 from shared.taxonomy import load_taxonomy
 
-STATUSES = ("pending", "active", "unsubscribed", "suppressed", "erased")
+Status = Literal["pending", "active", "unsubscribed", "suppressed", "erased"]
+STATUSES: tuple[str, ...] = get_args(Status)
 # Times given without a zone (in an imported file) are the organisation's local time.
 LOCAL_ZONE = ZoneInfo("Europe/Berlin")
 MAX_EMAIL = 254

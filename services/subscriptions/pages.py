@@ -13,10 +13,11 @@ from pydantic import ValidationError
 
 from services.subscriptions.domain import Preferences, SignupRequest
 from services.subscriptions.usecases import TRUSTED_SOURCES, RateLimited, RequestContext, Subscriptions
-from shared.web import Pages, client_ip
+from shared.web import Pages, client_ip, form_body, json_errors, page_errors, read_form
 
 router = APIRouter()
 MAX_FORM_VALUES = 100
+TOKEN = {"type": "string", "description": "The token from the link in the mail"}
 
 
 def _state(request: Request) -> tuple[Subscriptions, Pages]:
@@ -30,13 +31,23 @@ def _ctx(request: Request, source: str) -> RequestContext:
                           correlation_id=request.state.correlation_id)
 
 
-async def _form(request: Request) -> dict[str, Any]:
-    form = await request.form(max_files=0, max_fields=MAX_FORM_VALUES)
+async def _form(request: Request) -> dict[str, Any] | None:
+    """The form's values (lists for topics and regions), or None when it cannot be read."""
+    form = await read_form(request, MAX_FORM_VALUES)
+    if form is None:
+        return None
     data: dict[str, Any] = {}
     for key in set(form.keys()):
         values = [v for v in form.getlist(key) if isinstance(v, str)]
         data[key] = values if key in ("topics", "regions") else (values[0] if values else "")
     return data
+
+
+def _source(data: dict[str, Any]) -> str:
+    """The form's `source` label (where the form is embedded), as it goes into the consent log: printable
+    characters only (a NUL would fail in PostgreSQL), at most 64."""
+    value = data.get("source")
+    return "".join(c for c in value if c.isprintable())[:64] or "form" if isinstance(value, str) else "form"
 
 
 def field_errors(exc: ValidationError, pages: Pages, language: str) -> dict[str, str]:
@@ -74,19 +85,25 @@ async def subscribe_form(request: Request, source: str = "form") -> HTMLResponse
     return pages.render(request, "subscribe.html", lang, form={"language": lang}, errors={}, source=source[:64])
 
 
-@router.post("/subscribe", response_class=HTMLResponse, tags=["public pages"])
+@router.post("/subscribe", response_class=HTMLResponse, tags=["public pages"],
+             responses={**page_errors(422, 429), **json_errors(413, page=True)},
+             openapi_extra=form_body(SignupRequest, {"source": {"type": "string", "maxLength": 64}}))
 async def subscribe_submit(request: Request) -> HTMLResponse:
     subscriptions, pages = _state(request)
     data = await _form(request)
+    if data is None:
+        lang = pages.language(request)
+        return pages.render(request, "subscribe.html", lang, status_code=422, form={"language": lang},
+                            errors={"form": pages.tr.gettext(lang, "errors.invalid")}, source="form")
     lang = pages.language(request, data.get("language") if isinstance(data.get("language"), str) else None)
-    data["consent"] = data.get("consent") in ("true", "on", "yes", "1")
+    data["consent"] = str(data.get("consent", "")).lower() in ("true", "on", "yes", "1")
     try:
         signup = SignupRequest.model_validate(data)
     except ValidationError as exc:
         return pages.render(request, "subscribe.html", lang, status_code=422, form=data,
-                            errors=field_errors(exc, pages, lang), source=str(data.get("source", "form"))[:64])
+                            errors=field_errors(exc, pages, lang), source=_source(data))
     try:
-        source = str(data.get("source") or "form")[:64]
+        source = _source(data)
         # The form's source is only a label; the sources gated elsewhere skip the per-IP limit.
         await subscriptions.request_subscription(signup, _ctx(request, "form" if source in TRUSTED_SOURCES else source))
     except RateLimited as exc:
@@ -111,7 +128,7 @@ def _invalid_token(request: Request, pages: Pages, lang: str | None) -> HTMLResp
                     text_key="invalid_text", link=True)
 
 
-@router.get("/confirm", response_class=HTMLResponse, tags=["public pages"])
+@router.get("/confirm", response_class=HTMLResponse, tags=["public pages"], responses=page_errors(404))
 async def confirm_page(request: Request, token: str = "") -> HTMLResponse:
     """Shows the confirmation button; changes nothing (mail scanners open links)."""
     subscriptions, pages = _state(request)
@@ -122,10 +139,12 @@ async def confirm_page(request: Request, token: str = "") -> HTMLResponse:
     return pages.render(request, "confirm.html", lang, token=token)
 
 
-@router.post("/confirm", response_class=HTMLResponse, tags=["public pages"])
+@router.post("/confirm", response_class=HTMLResponse, tags=["public pages"],
+             responses={**page_errors(404), **json_errors(413, page=True)},
+             openapi_extra=form_body(fields={"token": TOKEN}))
 async def confirm_submit(request: Request) -> HTMLResponse:
     subscriptions, pages = _state(request)
-    data = await _form(request)
+    data = await _form(request) or {}
     token = str(data.get("token") or request.query_params.get("token") or "")
     result = await subscriptions.confirm(token, _ctx(request, "confirm-page"))
     if not result.ok:
@@ -134,7 +153,7 @@ async def confirm_submit(request: Request) -> HTMLResponse:
     return _message(request, pages, lang, "confirm", title_key="done_title", text_key="done_text")
 
 
-@router.get("/unsubscribe", response_class=HTMLResponse, tags=["public pages"])
+@router.get("/unsubscribe", response_class=HTMLResponse, tags=["public pages"], responses=page_errors(404))
 async def unsubscribe_page(request: Request, token: str = "") -> HTMLResponse:
     subscriptions, pages = _state(request)
     row = await subscriptions.subscriber_for_link(token)
@@ -144,11 +163,13 @@ async def unsubscribe_page(request: Request, token: str = "") -> HTMLResponse:
     return pages.render(request, "unsubscribe.html", lang, token=token)
 
 
-@router.post("/unsubscribe", tags=["public pages"])
-async def unsubscribe_submit(request: Request, token: str = "") -> Response:
+@router.post("/unsubscribe", response_class=HTMLResponse, tags=["public pages"],
+             responses={**page_errors(404), **json_errors(413, page=True)}, openapi_extra=form_body(fields={
+                 "token": TOKEN, "List-Unsubscribe": {"type": "string", "enum": ["One-Click"]}}))
+async def unsubscribe_submit(request: Request, token: str = "") -> HTMLResponse:
     """Unsubscribes; also the RFC 8058 one-click POST (`List-Unsubscribe=One-Click`, no cookies)."""
     subscriptions, pages = _state(request)
-    data = await _form(request)
+    data = await _form(request) or {}
     one_click = data.get("List-Unsubscribe") == "One-Click"
     ok, language = await subscriptions.unsubscribe(token or str(data.get("token") or ""),
                                                    _ctx(request, "one-click" if one_click else "unsubscribe-page"))
@@ -158,7 +179,7 @@ async def unsubscribe_submit(request: Request, token: str = "") -> Response:
     return _message(request, pages, lang, "unsubscribe", title_key="done_title", text_key="done_text", link=True)
 
 
-@router.get("/preferences", response_class=HTMLResponse, tags=["public pages"])
+@router.get("/preferences", response_class=HTMLResponse, tags=["public pages"], responses=page_errors(404))
 async def preferences_page(request: Request, token: str = "") -> HTMLResponse:
     subscriptions, pages = _state(request)
     row = await subscriptions.subscriber_for_link(token)
@@ -173,13 +194,20 @@ async def preferences_page(request: Request, token: str = "") -> HTMLResponse:
     return pages.render(request, "preferences.html", lang, token=token, form=form, errors={}, saved=False)
 
 
-@router.post("/preferences", response_class=HTMLResponse, tags=["public pages"])
+@router.post("/preferences", response_class=HTMLResponse, tags=["public pages"],
+             responses={**page_errors(404, 422), **json_errors(413, page=True)},
+             openapi_extra=form_body(Preferences, {"action": {"type": "string", "enum": ["save", "withdraw"]}}))
 async def preferences_submit(request: Request, token: str = "") -> HTMLResponse:
     subscriptions, pages = _state(request)
     row = await subscriptions.subscriber_for_link(token)
     if row is None:
         return _invalid_token(request, pages, None)
     data = await _form(request)
+    if data is None:
+        lang = pages.language(request, row.language)
+        form = {"language": row.language, "topics": row.topics, "regions": row.regions}
+        return pages.render(request, "preferences.html", lang, status_code=422, token=token, form=form,
+                            errors={"form": pages.tr.gettext(lang, "errors.invalid")}, saved=False)
     if data.get("action") == "withdraw":
         await subscriptions.unsubscribe(token, _ctx(request, "preferences"))
         lang = pages.language(request, request.query_params.get("lang"), row.language)

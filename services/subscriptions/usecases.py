@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import delete, exists, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -93,13 +93,18 @@ class Subscriptions:
             consent_text=self.consent_text(language) if with_text and language else None,
             language=language, details=details))
 
-    async def _hits(self, s: AsyncSession, bucket: str, window: timedelta) -> int:
+    @staticmethod
+    def _recent(bucket: str, window: timedelta):
         t = store.rate_limit_hits
-        return int(await s.scalar(select(func.count()).select_from(t)
-                                  .where(t.c.bucket == bucket, t.c.at > utcnow() - window)) or 0)
+        return select(func.count()).select_from(t).where(t.c.bucket == bucket, t.c.at > utcnow() - window)
 
-    async def _hit(self, s: AsyncSession, bucket: str) -> None:
-        await s.execute(insert(store.rate_limit_hits).values(bucket=bucket, at=utcnow()))
+    async def _hits(self, s: AsyncSession, bucket: str, window: timedelta) -> int:
+        return int(await s.scalar(self._recent(bucket, window)) or 0)
+
+    async def _hit(self, s: AsyncSession, *buckets: str) -> None:
+        if buckets:  # one statement for all of them: a sign-up's round trips to the database are its cost
+            now = utcnow()
+            await s.execute(insert(store.rate_limit_hits), [{"bucket": b, "at": now} for b in buckets])
 
     async def _suppress(self, s: AsyncSession, email: str, reason: str) -> None:
         digest = email_hash(email)
@@ -140,20 +145,33 @@ class Subscriptions:
         async with self.db.transaction() as s:
             if processed_event:
                 await mark_processed(s, store.infra, *processed_event)
-            if ctx.ip and ctx.source not in TRUSTED_SOURCES:
+            ip_bucket = f"ip:{ctx.ip}" if ctx.ip and ctx.source not in TRUSTED_SOURCES else None
+            addr_bucket, day = f"addr:{digest}", timedelta(days=1)
+            # The suppression list and both limits in one query (each statement is a round trip).
+            checks = [exists().where(store.suppressions.c.email_hash == digest),
+                      self._recent(addr_bucket, day).scalar_subquery()]
+            if ip_bucket:
                 window = timedelta(seconds=self.settings.signups_per_ip_window_seconds)
-                if await self._hits(s, f"ip:{ctx.ip}", window) >= self.settings.signups_per_ip:
-                    raise RateLimited(self.settings.signups_per_ip_window_seconds)
-                await self._hit(s, f"ip:{ctx.ip}")
-            if await s.scalar(select(store.suppressions.c.reason).where(store.suppressions.c.email_hash == digest)):
+                checks.append(self._recent(ip_bucket, window).scalar_subquery())
+            suppressed, addr_hits, *ip_hits = (await s.execute(select(*checks))).one()
+            if ip_bucket and ip_hits[0] >= self.settings.signups_per_ip:
+                raise RateLimited(self.settings.signups_per_ip_window_seconds)
+            hits = [ip_bucket] if ip_bucket else []
+            if suppressed:
                 log.info("sign-up for a suppressed address %s… ignored", digest[:10])
+                await self._hit(s, *hits)
                 return False
             row = (await s.execute(select(s_).where(s_.c.email == req.email).with_for_update())).first()
-            if await self._hits(s, f"addr:{digest}", timedelta(days=1)) >= \
-                    self.settings.confirmations_per_address_per_day:
+            # Counted again now that the row is locked: concurrent sign-ups of a known address (on
+            # PostgreSQL) cannot all pass the per-address limit. A new address has no row to lock; two
+            # sign-ups of it race on the unique index instead, and the loser retries as a known one. It is
+            # counted again all the same: the same round trips for both, so timing does not tell them apart.
+            addr_hits = await self._hits(s, addr_bucket, day)
+            if addr_hits >= self.settings.confirmations_per_address_per_day:
                 log.info("confirmation limit reached for %s…", digest[:10])
+                await self._hit(s, *hits)
                 return False
-            await self._hit(s, f"addr:{digest}")
+            await self._hit(s, *hits, addr_bucket)
             prefs = dict(language=req.language, topics=req.topics, regions=req.regions)
             requested_profile = None
             if row is None:
@@ -205,13 +223,18 @@ class Subscriptions:
         now = utcnow()
         t = store.confirmation_tokens
         async with self.db.transaction() as s:
-            tok = (await s.execute(select(t).where(t.c.token_hash == token_hash(token)).with_for_update())).first()
-            if tok is None:
+            subscriber_id = await s.scalar(select(t.c.subscriber_id).where(t.c.token_hash == token_hash(token)))
+            if subscriber_id is None:
                 return ConfirmResult(False)
-            row = (await s.execute(select(s_).where(s_.c.id == tok.subscriber_id).with_for_update())).first()
+            # The subscriber is locked before its tokens, as every other change of a subscriber does
+            # (unsubscribe, erasure, a new sign-up): the other order deadlocks on PostgreSQL when two
+            # links are clicked at once, or a click meets an unsubscription.
+            row = (await s.execute(select(s_).where(s_.c.id == subscriber_id).with_for_update())).first()
             if row is None or row.status in ("erased", "suppressed"):
                 return ConfirmResult(False)
-            if token_state(tok.expires_at, tok.used_at, now) != "valid":
+            # Read again under the lock: a confirmation that just committed has used it up.
+            tok = (await s.execute(select(t).where(t.c.token_hash == token_hash(token)).with_for_update())).first()
+            if tok is None or token_state(tok.expires_at, tok.used_at, now) != "valid":
                 return ConfirmResult(False, row.language)
             # Single use, and one confirmation closes every other open link of this subscriber.
             await s.execute(update(t).where(t.c.subscriber_id == row.id, t.c.used_at.is_(None)).values(used_at=now))
