@@ -108,7 +108,7 @@ class OutboxRelay:
         t = self.infra.outbox
         async with self.db.sessions() as s:
             rows = (await s.execute(
-                select(t.c.id, t.c.topic, t.c.key, t.c.payload, t.c.headers)
+                select(t.c.id, t.c.event_id, t.c.topic, t.c.key, t.c.payload, t.c.headers)
                 .where(t.c.published_at.is_(None)).order_by(t.c.id).limit(self.batch_size)
             )).all()
         if not rows:
@@ -122,10 +122,12 @@ class OutboxRelay:
                 headers=dict(row.headers), no_confirm=True,
             ))
         results = await asyncio.gather(*futures, return_exceptions=True)
-        done = [row.id for row, r in zip(rows, results, strict=True) if not isinstance(r, BaseException)]
+        done = [row.event_id for row, r in zip(rows, results, strict=True) if not isinstance(r, BaseException)]
         if done:
+            # By event id, not row id: a row deleted meanwhile (an erasure removes its subscriber's events)
+            # may have handed its id to a new row (SQLite reuses the highest), which is not published yet.
             async with self.db.transaction() as s:
-                await s.execute(update(t).where(t.c.id.in_(done)).values(published_at=utcnow()))
+                await s.execute(update(t).where(t.c.event_id.in_(done)).values(published_at=utcnow()))
             self.published += len(done)
             self.published_by_topic.update(row.topic for row, r in zip(rows, results, strict=True)
                                            if not isinstance(r, BaseException))
