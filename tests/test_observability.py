@@ -253,8 +253,9 @@ async def test_addresses_never_reach_the_logs_not_even_in_smtp_answers(stack: St
     local_part = addr.split("@")[0]
     assert addr not in text and addr.lower() not in text
     assert local_part not in text and local_part.lower() not in text
-    assert any("550" in line["message"] and "email:" in line["message"] for line in lines), lines
-    assert logs.mask_address(addr) in text  # the mask is how a line about this address can still be found
+    # The refusal is logged, without the address: the mailer keeps the server's answer with the address
+    # replaced by "recipient" (and the log filter would mask any address that slipped through).
+    assert any("550" in line["message"] for line in lines), lines
 
 
 def test_mask_address_is_stable_and_shows_no_part_of_the_address() -> None:

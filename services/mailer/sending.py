@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import uuid
 from datetime import timedelta
 from email.utils import parseaddr
@@ -133,7 +134,8 @@ class Sender:
                 return
         except aiosmtplib.SMTPRecipientsRefused as exc:
             code = min((r.code for r in exc.recipients), default=None)
-            await self._failed(row, code, str(exc))
+            # The server's answer, not the exception's text (which lists the recipient's address).
+            await self._failed(row, code, "; ".join(r.message for r in exc.recipients))
         except aiosmtplib.SMTPResponseException as exc:
             await self._failed(row, exc.code, exc.message)
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
@@ -157,6 +159,10 @@ class Sender:
         attempts = row.attempts + 1
         permanent = code is not None and 500 <= code < 600
         gave_up = not permanent and attempts >= self.settings.max_attempts
+        # Servers often quote the address ("<amira@…>: Recipient address rejected"): it is not kept, and
+        # not sent on in the delivery report (Kafka keeps what it is given beyond any erasure).
+        if row.recipient:
+            error = re.sub(re.escape(row.recipient), "recipient", error, flags=re.IGNORECASE)
         error = error[:480]
         async with self.db.transaction() as s:
             if permanent or gave_up:

@@ -10,12 +10,12 @@ import logging
 import uuid
 from typing import Any
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.mailer import store
 from services.mailer.render import MailRenderer, Recipient, Rendered
-from shared import messages
+from shared import messages, topics
 from shared.db import Database, utcnow, wake_after_commit
 from shared.kafka import mark_processed
 
@@ -83,9 +83,16 @@ class TransactionalMail:
                 case messages.SubscriberErased():
                     await s.execute(delete(a_).where(a_.c.subscriber_id == event.subscriber_id))
                     await self._cancel_unsent(s, event.subscriber_id)
-                    # The ledger keeps that a mail existed (for counts), not to whom or what it said.
-                    await s.execute(update(m_).where(m_.c.subscriber_id == event.subscriber_id)
-                                    .values(recipient=None, message=None))
+                    # The ledgers keep that a mail existed (for counts), not to whom or what it said, nor the
+                    # server's answer beyond its code (a refusal names the address); nor do delivery reports
+                    # waiting in the outbox, which quote that answer (no use for an erased subscriber).
+                    d_ = store.campaign_deliveries
+                    await s.execute(update(m_).where(m_.c.subscriber_id == event.subscriber_id).values(
+                        recipient=None, message=None, last_error=func.substr(m_.c.last_error, 1, 4)))
+                    await s.execute(update(d_).where(d_.c.subscriber_id == event.subscriber_id)
+                                    .values(last_error=func.substr(d_.c.last_error, 1, 4)))
+                    await s.execute(delete(store.infra.outbox).where(store.infra.outbox.c.key == event.subscriber_id,
+                                                                     store.infra.outbox.c.topic == topics.DELIVERY))
 
     async def _requested(self, s: AsyncSession, event: messages.SubscriptionRequested, cid: str | None) -> None:
         current = await s.scalar(select(a_.c.status).where(a_.c.subscriber_id == event.subscriber_id))
