@@ -42,7 +42,6 @@ import datetime as dt
 import email
 import email.header
 import email.policy
-import linecache
 import os
 import platform
 import random
@@ -51,7 +50,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 import uuid
@@ -72,6 +70,7 @@ from harness import (  # noqa: E402 - the benchmarks' shared process helpers
     wait_ready,
     write_summary,
 )
+from profiling import py_spy, summarise_profile, write_collapsed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -123,19 +122,6 @@ def postfix_tools(install: bool) -> tuple[str, str]:
     if not (sink and source):
         raise RuntimeError(f"postfix is installed but smtp-sink/smtp-source were not found in {POSTFIX_DIRS}")
     return sink, source
-
-
-def py_spy(install: bool) -> str:
-    path = VENV_BIN / "py-spy"
-    if path.exists():
-        return str(path)
-    if found := shutil.which("py-spy"):
-        return found
-    if not install:
-        raise RuntimeError("py-spy not found; install it: .venv/bin/pip install py-spy")
-    log("py-spy not found: installing it into the virtual environment (pip install py-spy)")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "py-spy"], check=True)
-    return str(path)
 
 
 # --------------------------------------------------------------------------------------------- subscribers
@@ -491,103 +477,6 @@ def verify_campaign(files: list[Path], people: list[dict], marker: str) -> dict:
 
 def new_files(folder: Path, seen: set[str]) -> list[Path]:
     return [folder / name for name in os.listdir(folder) if name not in seen]
-
-
-# --------------------------------------------------------------------------------------------- profile
-
-
-FRAME = re.compile(r"(.*) \((.*):(\d+)\)$")
-BLOCKING = re.compile(r"\.(get|wait|acquire|select|poll|sleep)\(")
-STDLIB = sysconfig.get_paths()["stdlib"] + "/"
-
-
-def short_path(path: str) -> str:
-    for cut in ("site-packages/", str(ROOT) + "/", STDLIB):
-        if cut in path:
-            return path.split(cut, 1)[1]
-    return path
-
-
-def project_file(path: str) -> bool:
-    return path.startswith((str(ROOT / "services") + "/", str(ROOT / "shared") + "/"))
-
-
-def package(path: str) -> str:
-    """What a frame's file belongs to: a library, the standard library, or the project's package folder."""
-    if "site-packages/" in path:
-        return short_path(path).split("/")[0].removesuffix(".py")
-    if path.startswith(STDLIB):
-        return short_path(path).split("/")[0].removesuffix(".py") + " (stdlib)"
-    if project_file(path):
-        return "/".join(short_path(path).split("/")[:2])
-    return short_path(path)
-
-
-def is_waiting(frame: str) -> bool:
-    """A leaf frame blocked in a wait (queue get, condition wait, selector poll): py-spy on Python 3.11 does not
-    always recognise such threads as idle, so the summary drops them by looking at the source line."""
-    m = FRAME.match(frame)
-    return bool(m and BLOCKING.search(linecache.getline(m.group(2), int(m.group(3)))))
-
-
-def write_collapsed(raw: Path, output: Path) -> None:
-    """The stacks in the collapsed format of flamegraph.pl / speedscope, by function (no line numbers),
-    with short file names: a fraction of py-spy's raw output."""
-    stacks: collections.Counter[str] = collections.Counter()
-    for line in raw.read_text("utf-8", "replace").splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        frames = []
-        for frame in stack.partition(": ")[2].split(";"):
-            m = FRAME.match(frame)
-            frames.append(f"{m.group(1)} ({short_path(m.group(2))})" if m else re.sub(r"\d+", "N", frame))
-        stacks[";".join(frames)] += int(count)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text("".join(f"{stack} {n}\n" for stack, n in stacks.most_common()), "utf-8")
-
-
-def summarise_profile(raw: Path, seconds: float, rate: int, top: int = 15) -> dict:
-    """Busy share per thread, top frames by self time, time by package, project functions by inclusive time.
-
-    py-spy's raw format (with --threads, --full-filenames): `thread (<id>): <thread name>;<frame>;...;<leaf>
-    <samples>`, each frame `function (file:line)`. Samples waiting (see is_waiting) are left out.
-    """
-    self_time: collections.Counter[str] = collections.Counter()
-    packages: collections.Counter[str] = collections.Counter()
-    inclusive: collections.Counter[str] = collections.Counter()
-    threads: collections.Counter[str] = collections.Counter()
-    busy = waiting = 0
-    for line in raw.read_text("utf-8", "replace").splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        n = int(count)
-        frames = stack.partition(": ")[2].split(";")
-        thread = frames.pop(0) if frames and not FRAME.match(frames[0]) else "?"
-        if not frames or is_waiting(frames[-1]):
-            waiting += n
-            continue
-        busy += n
-        threads[re.sub(r"\d+", "N", thread)] += n
-        leaf = FRAME.match(frames[-1])
-        if leaf:
-            self_time[f"{leaf.group(1)} ({short_path(leaf.group(2))}:{leaf.group(3)})"] += n
-            packages[package(leaf.group(2))] += n
-        functions = set()
-        for frame in frames:
-            m = FRAME.match(frame)
-            if m and project_file(m.group(2)) and not m.group(2).endswith("shared/cli.py"):
-                functions.add(f"{m.group(1)} ({short_path(m.group(2))})")
-        for function in functions:  # once per sample, however deep the recursion
-            inclusive[function] += n
-    wall = max(1.0, seconds * rate)  # samples a thread busy all the time would have
-    return {"busy": busy, "waiting": waiting, "self": self_time.most_common(top),
-            "packages": packages.most_common(12), "inclusive": inclusive.most_common(top),
-            "threads": [(name, n, n / wall) for name, n in threads.most_common()]}
-
-
-# --------------------------------------------------------------------------------------------- the run
 
 
 async def bench(args: argparse.Namespace, sink_bin: str, source_bin: str, spy_bin: str | None) -> dict:
