@@ -345,8 +345,8 @@ class Lifecycle(RuleBasedStateMachine):
             if person.status == "active":  # the new choices wait for the confirmation
                 person.tokens.append(Token("", asked=asked))
             else:
-                person.status = "pending"
-                person.profile = asked
+                person.status = "pending"  # (a sign-up without a name keeps the stored one, as when active)
+                person.profile = {**asked, "name": name or person.profile.get("name")}
                 person.tokens.append(Token(""))
             if not self.deliver(person, "confirmation", prefs["language"]):
                 person.tokens[-1].state = "bounced"

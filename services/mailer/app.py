@@ -60,6 +60,7 @@ def create_app(settings: MailerSettings) -> FastAPI:
             sender.start()  # mail already in the ledger goes out even while Kafka is away
         await runtime.start()
         yield
+        await campaigns.stop()
         await sender.stop()
         await runtime.stop()
 

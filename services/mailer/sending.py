@@ -52,6 +52,15 @@ class RateLimiter:
             await asyncio.sleep(slot - now)
 
 
+def without_address(answer: str, address: str | None) -> str:
+    """An SMTP server's answer with the recipient's address replaced by the word "recipient".
+
+    Servers often quote the address ("<amira@…>: Recipient address rejected"); what we store and
+    publish (Kafka keeps what it is given beyond any erasure) must not carry it.
+    """
+    return re.sub(re.escape(address), "recipient", answer, flags=re.IGNORECASE) if address else answer
+
+
 class Sender:
     def __init__(self, db: Database, settings: MailerSettings, pool: SmtpPool) -> None:
         self.db, self.settings, self.pool = db, settings, pool
@@ -159,11 +168,7 @@ class Sender:
         attempts = row.attempts + 1
         permanent = code is not None and 500 <= code < 600
         gave_up = not permanent and attempts >= self.settings.max_attempts
-        # Servers often quote the address ("<amira@…>: Recipient address rejected"): it is not kept, and
-        # not sent on in the delivery report (Kafka keeps what it is given beyond any erasure).
-        if row.recipient:
-            error = re.sub(re.escape(row.recipient), "recipient", error, flags=re.IGNORECASE)
-        error = error[:480]
+        error = without_address(error, row.recipient)[:480]
         async with self.db.transaction() as s:
             if permanent or gave_up:
                 await s.execute(update(m_).where(mine(row)).values(

@@ -186,11 +186,12 @@ class Subscriptions:
                 subscriber_id = row.id
                 requested_profile = dict(name=req.name, **prefs)
                 profile = dict(subscriber_id=row.id, email=row.email, name=req.name or row.name, **prefs)
-            else:
+            else:  # pending or unsubscribed: the new choices apply now; an empty name keeps the stored one
                 subscriber_id = row.id
+                name = req.name or row.name
                 await s.execute(update(s_).where(s_.c.id == row.id).values(
-                    name=req.name, status="pending", updated_at=now, **prefs))
-                profile = dict(subscriber_id=row.id, email=row.email, name=req.name, **prefs)
+                    name=name, status="pending", updated_at=now, **prefs))
+                profile = dict(subscriber_id=row.id, email=row.email, name=name, **prefs)
             raw = new_token()
             expires = expiry(now, self.settings.confirm_token_hours)
             await s.execute(insert(store.confirmation_tokens).values(
