@@ -12,9 +12,11 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 import uuid
 from collections import Counter
 from datetime import timedelta
+from typing import Any
 
 from faststream.kafka import KafkaBroker
 from sqlalchemy import delete, insert, select, update
@@ -27,18 +29,24 @@ from shared.topics import TopicNames
 log = logging.getLogger(__name__)
 
 
+def outbox_row(topic: str, key: str, event: Envelope, correlation_id: str | None = None) -> dict[str, Any]:
+    """The outbox row of one event (for `add_to_outbox` or, many at once, `add_all_to_outbox`)."""
+    return dict(event_id=str(event.event_id), topic=topic, key=key, payload=event.model_dump_json(),
+                headers={CORRELATION_HEADER: correlation_id or str(event.event_id)}, created_at=utcnow())
+
+
 async def add_to_outbox(
     session: AsyncSession, infra: InfraTables, topic: str, key: str, event: Envelope,
     correlation_id: str | None = None,
 ) -> None:
-    headers = {CORRELATION_HEADER: correlation_id or str(event.event_id)}
-    wake_after_commit(session, "outbox")
-    await session.execute(
-        insert(infra.outbox).values(
-            event_id=str(event.event_id), topic=topic, key=key, payload=event.model_dump_json(),
-            headers=headers, created_at=utcnow(),
-        )
-    )
+    await add_all_to_outbox(session, infra, [outbox_row(topic, key, event, correlation_id)])
+
+
+async def add_all_to_outbox(session: AsyncSession, infra: InfraTables, rows: list[dict[str, Any]]) -> None:
+    """Rows of `outbox_row` in one statement; the relay publishes them in this order."""
+    if rows:
+        wake_after_commit(session, "outbox")
+        await session.execute(insert(infra.outbox), rows)
 
 
 class OutboxRelay:
@@ -49,6 +57,8 @@ class OutboxRelay:
         self.db, self.infra, self.broker, self.names = db, infra, broker, names
         self.poll_seconds, self.batch_size, self.retention = poll_seconds, batch_size, retention
         self.holder = f"relay-{uuid.uuid4()}"
+        self.lease_seconds = max(10.0, poll_seconds * 5)
+        self._lease_renewed: float | None = None  # time.monotonic() of the last renewal
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.published = 0
@@ -79,8 +89,7 @@ class OutboxRelay:
         while True:
             try:
                 # One relay at a time across instances keeps each key's events in order.
-                if not await acquire_lease(self.db, self.infra.leases, "outbox-relay", self.holder,
-                                           max(10.0, self.poll_seconds * 5)):
+                if not await self._hold_lease():
                     await self._sleep(self.poll_seconds)
                     continue
                 sent = await self.relay_once()
@@ -95,8 +104,20 @@ class OutboxRelay:
                 raise
             except Exception as exc:  # broker or database down: keep the rows, back off, try again
                 failures += 1
+                self._lease_renewed = None
                 log.warning("outbox relay failed (%s attempt %d): %s", type(exc).__name__, failures, exc)
                 await asyncio.sleep(min(0.2 * 2 ** min(failures, 6), 10.0))
+
+    async def _hold_lease(self) -> bool:
+        """Whether this relay holds the lease. Renewed at most once per poll interval, well within the
+        lease's time: under load every commit wakes the relay, and a renewal is a write transaction
+        (on SQLite, one more wait for the single writer)."""
+        now = time.monotonic()
+        if self._lease_renewed is not None and now - self._lease_renewed < self.poll_seconds:
+            return True
+        held = await acquire_lease(self.db, self.infra.leases, "outbox-relay", self.holder, self.lease_seconds)
+        self._lease_renewed = now if held else None
+        return held
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

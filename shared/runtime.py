@@ -11,11 +11,12 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from faststream.kafka import KafkaBroker
 from sqlalchemy import func, select
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from shared import logs
 from shared.db import Database, utcnow
@@ -27,6 +28,14 @@ from shared.topics import TopicNames, ensure_topics, topics_without_records
 log = logging.getLogger(__name__)
 
 
+class Worker(Protocol):
+    """A background task of a service's own (e.g. the sign-up writer), run beside the HTTP app."""
+
+    def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
 class Runtime:
     def __init__(self, name: str, settings: CommonSettings, db: Database, broker: KafkaBroker,
                  names: TopicNames, relay: OutboxRelay) -> None:
@@ -36,6 +45,8 @@ class Runtime:
         self._tasks: list[asyncio.Task] = []
         self.periodic: list[tuple[float, Callable[[], Awaitable[None]], asyncio.Event | None]] = []
         self.after_connect: list[Callable[[], Awaitable[None]]] = []
+        # Started with the service, stopped first (before the database they write to is closed).
+        self.workers: list[Worker] = []
 
     def every(self, seconds: float, job: Callable[[], Awaitable[None]], wake: asyncio.Event | None = None) -> None:
         """Run `job` every `seconds`, and at once whenever `wake` is set."""
@@ -47,6 +58,8 @@ class Runtime:
         # started by `_connect`) log carries the service's name.
         with logs.log_context(service=self.name):
             self._tasks.append(asyncio.create_task(self._connect(), name=f"{self.name}-connect"))
+            for worker in self.workers:
+                worker.start()
             for seconds, job, wake in self.periodic:
                 self._tasks.append(asyncio.create_task(self._repeat(seconds, job, wake),
                                                        name=f"{self.name}-periodic"))
@@ -100,6 +113,9 @@ class Runtime:
                 log.exception("%s: periodic job failed", self.name)
 
     async def stop(self) -> None:
+        for worker in self.workers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(worker.stop(), 10)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -134,15 +150,40 @@ class Runtime:
             raise ConnectionError("Kafka does not answer")
 
 
+CORRELATION_HEADER = b"x-correlation-id"
+
+
+class CorrelationIds:
+    """Every request gets a correlation id (taken from X-Correlation-ID if sent) that follows its events:
+    `request.state.correlation_id`, the logging context of the request, and the answer's header.
+
+    Plain ASGI rather than `@app.middleware("http")`, which costs a task group and memory streams per
+    request (see `shared.web.RequestLog`).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = next((v.decode("latin-1") for k, v in scope["headers"] if k == CORRELATION_HEADER), "")
+        correlation_id = incoming[:64] if incoming.isprintable() and incoming else str(uuid.uuid4())
+        scope.setdefault("state", {})["correlation_id"] = correlation_id
+        header = (CORRELATION_HEADER, correlation_id.encode("latin-1"))
+
+        async def with_id(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != CORRELATION_HEADER]
+                message = {**message, "headers": [*headers, header]}
+            await send(message)
+
+        # Every line logged for this request carries the id (shared.logs), as will its events' consumers.
+        with logs.log_context(correlation_id=correlation_id):
+            await self.app(scope, receive, with_id)
+
+
 def add_correlation_ids(app: FastAPI) -> None:
     """Every request gets a correlation id (taken from X-Correlation-ID if sent) that follows its events."""
-
-    @app.middleware("http")
-    async def correlation(request: Request, call_next):
-        incoming = request.headers.get("x-correlation-id", "")
-        request.state.correlation_id = incoming[:64] if incoming.isprintable() and incoming else str(uuid.uuid4())
-        # Every line logged for this request carries the id (shared.logs), as will its events' consumers.
-        with logs.log_context(correlation_id=request.state.correlation_id):
-            response = await call_next(request)
-        response.headers["X-Correlation-ID"] = request.state.correlation_id
-        return response
+    app.add_middleware(CorrelationIds)

@@ -79,7 +79,7 @@ async def subscribe(signup: SignupRequest, request: Request) -> Any:
                          user_agent=request.headers.get("user-agent"), source="api",
                          correlation_id=request.state.correlation_id)
     try:
-        await _subscriptions(request).request_subscription(signup, ctx)
+        await request.app.state.admission.request_subscription(signup, ctx)
     except RateLimited as exc:
         return JSONResponse({"detail": "too many sign-ups, try again later"}, status_code=429,
                             headers={"Retry-After": str(exc.retry_after)})

@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from services.subscriptions import api, pages, store
+from services.subscriptions.admission import SignupAdmission
 from services.subscriptions.handlers import register_handlers
 from services.subscriptions.settings import SubscriptionsSettings
 from services.subscriptions.usecases import build_subscriptions
@@ -32,10 +33,16 @@ def create_app(settings: SubscriptionsSettings) -> FastAPI:
     relay = OutboxRelay(db, store.infra, broker, names, settings.outbox_poll_seconds)
     db.on_commit("outbox", relay.notify)
     subscriptions = build_subscriptions(db, settings)
+    admission = SignupAdmission(subscriptions)
     dead_letters = register_handlers(broker, settings, TopicNames(settings.kafka_topic_prefix), subscriptions)
     runtime = Runtime("subscriptions", settings, db, broker, names, relay)
     runtime.every(600, subscriptions.prune_rate_limits)
+    runtime.workers.append(admission)
     metrics = Metrics("subscriptions", consumers=dead_letters, relay=relay)
+    metrics.family("bridgepost_signup_batches_total", "Transactions that admitted public sign-ups (group commit)",
+                   kind="counter", source=lambda: {(): admission.batches})
+    metrics.family("bridgepost_signups_batched_total", "Public sign-ups admitted in those transactions",
+                   kind="counter", source=lambda: {(): admission.admitted})
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -49,6 +56,7 @@ def create_app(settings: SubscriptionsSettings) -> FastAPI:
     app.state.db = db
     app.state.infra = store.infra
     app.state.subscriptions = subscriptions
+    app.state.admission = admission
     app.state.runtime = runtime
     app.state.dead_letters = dead_letters
     app.state.pages = Pages(template_environment(TEMPLATES), translations, {

@@ -67,7 +67,7 @@ def _clean_text(value: str, limit: int) -> str:
 
 def _known(dimension: str, values: list[str]) -> list[str]:
     taxonomy = load_taxonomy()
-    known = set(taxonomy.keys(dimension))
+    known = taxonomy.labels[dimension]  # key -> labels: a lookup each, no set built per request
     for value in values:
         if value not in known:
             code = {"topics": "unknown_topic", "regions": "unknown_region", "groups": "unknown_group"}[dimension]

@@ -89,7 +89,7 @@ async def subscribe_form(request: Request, source: str = "form") -> HTMLResponse
              responses={**page_errors(422, 429), **json_errors(413, page=True)},
              openapi_extra=form_body(SignupRequest, {"source": {"type": "string", "maxLength": 64}}))
 async def subscribe_submit(request: Request) -> HTMLResponse:
-    subscriptions, pages = _state(request)
+    _, pages = _state(request)
     data = await _form(request)
     if data is None:
         lang = pages.language(request)
@@ -105,7 +105,8 @@ async def subscribe_submit(request: Request) -> HTMLResponse:
     try:
         source = _source(data)
         # The form's source is only a label; the sources gated elsewhere skip the per-IP limit.
-        await subscriptions.request_subscription(signup, _ctx(request, "form" if source in TRUSTED_SOURCES else source))
+        await request.app.state.admission.request_subscription(
+            signup, _ctx(request, "form" if source in TRUSTED_SOURCES else source))
     except RateLimited as exc:
         response = _message(request, pages, lang, "subscribe.limited", status_code=429)
         response.headers["Retry-After"] = str(exc.retry_after)

@@ -1,18 +1,22 @@
 """Use cases of the subscriptions service; each runs in one transaction: state + consent log + outbox.
 
-This is where a sign-up becomes a Kafka event (`request_subscription` → `subscription_requested`).
+This is where a sign-up becomes a Kafka event (`admit` → `subscription_requested`): one at a time for
+imports and Kafka consumers (`request_subscription`), many concurrent ones in one transaction for the
+public form and API (`admission.SignupAdmission`), by the same rules (`_decide`).
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass
-from datetime import timedelta
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import delete, exists, func, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import bindparam, delete, func, insert, literal, or_, select, union_all, update
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.subscriptions import store
@@ -31,7 +35,8 @@ from services.subscriptions.settings import SubscriptionsSettings
 from shared import messages, topics
 from shared.db import Database, utcnow
 from shared.kafka import AlreadyProcessed, mark_processed
-from shared.outbox import add_to_outbox
+from shared.logs import log_context
+from shared.outbox import add_all_to_outbox, add_to_outbox, outbox_row
 
 log = logging.getLogger(__name__)
 s_ = store.subscribers
@@ -39,6 +44,8 @@ s_ = store.subscribers
 
 # Sources whose requests were already gated elsewhere (no per-IP limit here).
 TRUSTED_SOURCES = ("import", "event-registration")
+# The database is away: every sign-up of a batch fails alike (each request answers 503).
+OUTAGES = (OperationalError, InterfaceError)
 
 
 class RateLimited(Exception):
@@ -55,6 +62,52 @@ class RequestContext:
     user_agent: str | None
     source: str  # form, api, import, ...
     correlation_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Signup:
+    """One sign-up to admit: the request, where it came from, and what only trusted callers add."""
+
+    req: SignupRequest
+    ctx: RequestContext
+    processed_event: tuple[str, Any] | None = None  # (consumer, event id) of a Kafka event it handles
+    groups: list[str] = field(default_factory=list)  # staff imports only
+    audience: str | None = None
+
+
+# What admitting one sign-up came to: a confirmation mail asked for or not, or its own error.
+Admitted = bool | RateLimited | Exception
+
+
+@dataclass
+class SignupBatch:
+    """One admission transaction: what it found, and what its sign-ups, in order, leave to be written.
+    Each sign-up sees the effects of the ones before it (hits counted, a subscriber created)."""
+
+    now: datetime
+    subscribers: dict[str, dict[str, Any]]  # address -> the row as stored, or as the batch leaves it
+    suppressed: set[str] = field(default_factory=set)  # address hashes
+    hits: Counter[str] = field(default_factory=Counter)  # rate-limit bucket -> hits within its window
+    new: dict[str, dict[str, Any]] = field(default_factory=dict)  # address -> subscriber to insert
+    changed: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> stored subscriber to update
+    hit_rows: list[dict[str, Any]] = field(default_factory=list)
+    tokens: list[dict[str, Any]] = field(default_factory=list)
+    consents: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)  # outbox rows
+
+    def hit(self, *buckets: str) -> None:
+        for bucket in buckets:
+            self.hits[bucket] += 1
+            self.hit_rows.append({"bucket": bucket, "at": self.now})
+
+    def create(self, row: dict[str, Any]) -> dict[str, Any]:
+        self.subscribers[row["email"]] = self.new[row["email"]] = row
+        return row
+
+    def change(self, row: dict[str, Any], **values: Any) -> None:
+        row.update(values)  # a subscriber this batch creates is inserted as the last change left it
+        if row["email"] not in self.new:
+            self.changed[row["id"]] = row
 
 
 @dataclass(frozen=True)
@@ -86,25 +139,17 @@ class Subscriptions:
     async def _consent(self, s: AsyncSession, subscriber_id: str, action: str, ctx: RequestContext | None,
                        language: str | None = None, with_text: bool = False, **details: Any) -> None:
         await s.execute(insert(store.consent_log).values(
+            **self._consent_row(subscriber_id, action, ctx, language, with_text, **details)))
+
+    def _consent_row(self, subscriber_id: str, action: str, ctx: RequestContext | None, language: str | None = None,
+                     with_text: bool = False, **details: Any) -> dict[str, Any]:
+        return dict(
             subscriber_id=subscriber_id, action=action, occurred_at=utcnow(),
             ip=ctx.ip if ctx else None, user_agent=ctx.user_agent[:400] if ctx and ctx.user_agent else None,
             source=ctx.source if ctx else "system",
             consent_text_version=self.settings.consent_text_version if with_text else None,
             consent_text=self.consent_text(language) if with_text and language else None,
-            language=language, details=details))
-
-    @staticmethod
-    def _recent(bucket: str, window: timedelta):
-        t = store.rate_limit_hits
-        return select(func.count()).select_from(t).where(t.c.bucket == bucket, t.c.at > utcnow() - window)
-
-    async def _hits(self, s: AsyncSession, bucket: str, window: timedelta) -> int:
-        return int(await s.scalar(self._recent(bucket, window)) or 0)
-
-    async def _hit(self, s: AsyncSession, *buckets: str) -> None:
-        if buckets:  # one statement for all of them: a sign-up's round trips to the database are its cost
-            now = utcnow()
-            await s.execute(insert(store.rate_limit_hits), [{"bucket": b, "at": now} for b in buckets])
+            language=language, details=details)
 
     async def _suppress(self, s: AsyncSession, email: str, reason: str) -> None:
         digest = email_hash(email)
@@ -118,92 +163,174 @@ class Subscriptions:
 
     # --- sign-up ---------------------------------------------------------------------------------
 
+    @staticmethod
+    def is_bot(req: SignupRequest, ctx: RequestContext) -> bool:
+        """The honeypot was filled in: the same answer as for anyone, and nothing is stored."""
+        if req.website:
+            log.info("honeypot sign-up ignored (source %s)", ctx.source)
+        return bool(req.website)
+
     async def request_subscription(self, req: SignupRequest, ctx: RequestContext,
                                    processed_event: tuple[str, Any] | None = None,
                                    groups: list[str] | None = None, audience: str | None = None) -> bool:
-        """Accept a sign-up. The caller answers the same whatever happens here (no enumeration).
+        """Accept one sign-up in a transaction of its own. The caller answers the same whatever happens
+        here (no enumeration). The public form and API go through `admission.SignupAdmission` instead,
+        which admits concurrent sign-ups together, by the same rules (`admit`).
 
         `processed_event` (consumer, event id) marks a Kafka event as handled in the same transaction.
         `groups` and `audience` (staff imports only) are given to a subscriber this creates.
-        Returns whether a confirmation mail was asked for (False: suppressed, limit reached, a bot).
+        Returns whether a confirmation mail was asked for (False: suppressed, limit reached, a bot);
+        raises RateLimited when the client IP is over its limit.
         """
-        if req.website:  # honeypot filled in: a bot. Same answer, nothing stored.
-            log.info("honeypot sign-up ignored (source %s)", ctx.source)
+        if self.is_bot(req, ctx):
             return False
+        (outcome,) = await self.admit([Signup(req, ctx, processed_event, groups or [], audience)])
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    async def admit(self, signups: Sequence[Signup]) -> list[Admitted]:
+        """Admit sign-ups (honeypots already sorted out) in one transaction, each seeing the ones before
+        it as if they had come one by one. Per sign-up: whether a confirmation mail was asked for, or
+        RateLimited for one whose client IP is over its limit (or, see below, its own error).
+
+        A database that is away fails them all (each request answers 503). Whatever else one sign-up
+        may cause must not fail the others: the batch is tried again, then each sign-up alone.
+        """
         for attempt in range(2):
             try:
-                return await self._request(req, ctx, processed_event, groups or [], audience)
+                return await self._admit(signups)
             except IntegrityError:
-                if attempt:  # the concurrent insert of the same new address won twice: give up quietly
+                # Another instance inserted one of these new addresses meanwhile: now it is known.
+                if not attempt:
+                    log.info("a new address of %d sign-up(s) was inserted meanwhile; admitting again", len(signups))
+                    continue
+                if len(signups) == 1:
+                    raise  # the concurrent insert of the same new address won twice: give up quietly
+            except DBAPIError as exc:
+                if len(signups) == 1 or exc.connection_invalidated or isinstance(exc, OUTAGES):
                     raise
-                # Two requests for one new address raced on the unique index: now it is known.
+            break
+        # Rare (a deadlock, or data one sign-up brought that the database refuses): each on its own.
+        log.warning("a batch of %d sign-ups failed; admitting them one by one", len(signups))
+        return [await self._admit_alone(signup) for signup in signups]
 
-    async def _request(self, req: SignupRequest, ctx: RequestContext,
-                       processed_event: tuple[str, Any] | None, groups: list[str], audience: str | None) -> bool:
-        now = utcnow()
-        digest = email_hash(req.email)
+    async def _admit_alone(self, signup: Signup) -> Admitted:
+        try:
+            return (await self.admit([signup]))[0]
+        except Exception as exc:  # noqa: BLE001 - this sign-up's own failure, answered to it alone
+            return exc
+
+    async def _admit(self, signups: Sequence[Signup]) -> list[Admitted]:
+        emails = sorted({signup.req.email for signup in signups})
         async with self.db.transaction() as s:
-            if processed_event:
-                await mark_processed(s, store.infra, *processed_event)
-            ip_bucket = f"ip:{ctx.ip}" if ctx.ip and ctx.source not in TRUSTED_SOURCES else None
-            addr_bucket, day = f"addr:{digest}", timedelta(days=1)
-            # The suppression list and both limits in one query (each statement is a round trip).
-            checks = [exists().where(store.suppressions.c.email_hash == digest),
-                      self._recent(addr_bucket, day).scalar_subquery()]
-            if ip_bucket:
-                window = timedelta(seconds=self.settings.signups_per_ip_window_seconds)
-                checks.append(self._recent(ip_bucket, window).scalar_subquery())
-            suppressed, addr_hits, *ip_hits = (await s.execute(select(*checks))).one()
-            if ip_bucket and ip_hits[0] >= self.settings.signups_per_ip:
-                raise RateLimited(self.settings.signups_per_ip_window_seconds)
-            hits = [ip_bucket] if ip_bucket else []
-            if suppressed:
+            for signup in signups:
+                if signup.processed_event:
+                    await mark_processed(s, store.infra, *signup.processed_event)
+            # The subscribers are locked first, in id order (two batches lock the ones they share in the
+            # same order, so they cannot deadlock); the limits are counted after, so they include what
+            # committed meanwhile:
+            # concurrent sign-ups of a known address (on PostgreSQL) cannot all pass the per-address
+            # limit. A new address has no row to lock; two sign-ups of it race on the unique index
+            # instead, and the loser's batch is tried again with the address known.
+            rows = (await s.execute(select(s_).where(s_.c.email.in_(emails)).order_by(s_.c.id)
+                                    .with_for_update())).all()
+            batch = SignupBatch(utcnow(), {row.email: dict(row._mapping) for row in rows})
+            await self._limits(s, batch, signups)
+            outcomes = [self._decide(batch, signup) for signup in signups]
+            await self._write(s, batch)
+        return outcomes
+
+    async def _limits(self, s: AsyncSession, batch: SignupBatch, signups: Sequence[Signup]) -> None:
+        """The suppressed addresses and the rate-limit counts of every bucket involved, in one query."""
+        digests = sorted({email_hash(signup.req.email) for signup in signups})
+        ips = sorted({bucket for signup in signups if (bucket := self._ip_bucket(signup.ctx))})
+        t, sup = store.rate_limit_hits, store.suppressions
+        windows = [t.c.bucket.in_([f"addr:{d}" for d in digests]) & (t.c.at > batch.now - timedelta(days=1))]
+        if ips:
+            ip_window = timedelta(seconds=self.settings.signups_per_ip_window_seconds)
+            windows.append(t.c.bucket.in_(ips) & (t.c.at > batch.now - ip_window))
+        query = union_all(
+            select(sup.c.email_hash, literal(-1)).where(sup.c.email_hash.in_(digests)),
+            select(t.c.bucket, func.count()).where(or_(*windows)).group_by(t.c.bucket))
+        for key, hits in (await s.execute(query)).all():
+            if hits < 0:
+                batch.suppressed.add(key)
+            else:
+                batch.hits[key] = int(hits)
+
+    @staticmethod
+    def _ip_bucket(ctx: RequestContext) -> str | None:
+        return f"ip:{ctx.ip}" if ctx.ip and ctx.source not in TRUSTED_SOURCES else None
+
+    def _decide(self, batch: SignupBatch, signup: Signup) -> bool | RateLimited:
+        """The rules of one sign-up, on what the batch found and what the sign-ups before it did."""
+        req, ctx, now = signup.req, signup.ctx, batch.now
+        digest = email_hash(req.email)
+        ip_bucket, addr_bucket = self._ip_bucket(ctx), f"addr:{digest}"
+        if ip_bucket and batch.hits[ip_bucket] >= self.settings.signups_per_ip:
+            return RateLimited(self.settings.signups_per_ip_window_seconds)
+        hits = [ip_bucket] if ip_bucket else []
+        if digest in batch.suppressed:
+            with log_context(correlation_id=ctx.correlation_id):
                 log.info("sign-up for a suppressed address %s… ignored", digest[:10])
-                await self._hit(s, *hits)
-                return False
-            row = (await s.execute(select(s_).where(s_.c.email == req.email).with_for_update())).first()
-            # Counted again now that the row is locked: concurrent sign-ups of a known address (on
-            # PostgreSQL) cannot all pass the per-address limit. A new address has no row to lock; two
-            # sign-ups of it race on the unique index instead, and the loser retries as a known one. It is
-            # counted again all the same: the same round trips for both, so timing does not tell them apart.
-            addr_hits = await self._hits(s, addr_bucket, day)
-            if addr_hits >= self.settings.confirmations_per_address_per_day:
+            batch.hit(*hits)
+            return False
+        if batch.hits[addr_bucket] >= self.settings.confirmations_per_address_per_day:
+            with log_context(correlation_id=ctx.correlation_id):
                 log.info("confirmation limit reached for %s…", digest[:10])
-                await self._hit(s, *hits)
-                return False
-            await self._hit(s, *hits, addr_bucket)
-            prefs = dict(language=req.language, topics=req.topics, regions=req.regions)
-            requested_profile = None
-            if row is None:
-                subscriber_id = str(uuid.uuid4())
-                await s.execute(insert(s_).values(
-                    id=subscriber_id, email=req.email, name=req.name,
-                    audience=audience or ("partner" if groups else "public"), groups=groups,
-                    status="pending", hard_bounces=0, created_at=now, updated_at=now, **prefs))
-                profile = dict(subscriber_id=subscriber_id, email=req.email, name=req.name, **prefs)
-            elif row.status == "active":
-                # Already subscribed: the new choices apply only once this request is confirmed.
-                subscriber_id = row.id
-                requested_profile = dict(name=req.name, **prefs)
-                profile = dict(subscriber_id=row.id, email=row.email, name=req.name or row.name, **prefs)
-            else:  # pending or unsubscribed: the new choices apply now; an empty name keeps the stored one
-                subscriber_id = row.id
-                name = req.name or row.name
-                await s.execute(update(s_).where(s_.c.id == row.id).values(
-                    name=name, status="pending", updated_at=now, **prefs))
-                profile = dict(subscriber_id=row.id, email=row.email, name=name, **prefs)
-            raw = new_token()
-            expires = expiry(now, self.settings.confirm_token_hours)
-            await s.execute(insert(store.confirmation_tokens).values(
-                token_hash=token_hash(raw), subscriber_id=subscriber_id, created_at=now, expires_at=expires,
-                requested_profile=requested_profile))
-            # An imported address never saw the form's consent text: its consent is the confirmation.
-            await self._consent(s, subscriber_id, "requested", ctx, req.language, with_text=ctx.source != "import",
-                                topics=req.topics, regions=req.regions)
-            await self._emit(s, subscriber_id, messages.SubscriptionRequested(
-                **profile, confirm_token=raw, expires_at=expires, manage_token=self.links.token(subscriber_id)),
-                ctx.correlation_id)
-            return True
+            batch.hit(*hits)
+            return False
+        batch.hit(*hits, addr_bucket)
+        prefs = dict(language=req.language, topics=req.topics, regions=req.regions)
+        requested_profile = None
+        row = batch.subscribers.get(req.email)
+        if row is None:
+            name = req.name
+            row = batch.create(dict(
+                id=str(uuid.uuid4()), email=req.email, name=name, status="pending", hard_bounces=0,
+                audience=signup.audience or ("partner" if signup.groups else "public"), groups=signup.groups,
+                created_at=now, updated_at=now, confirmed_at=None, **prefs))
+        elif row["status"] == "active":
+            # Already subscribed: the new choices apply only once this request is confirmed.
+            requested_profile = dict(name=req.name, **prefs)
+            name = req.name or row["name"]
+        else:  # pending or unsubscribed: the new choices apply now; an empty name keeps the stored one
+            name = req.name or row["name"]
+            batch.change(row, name=name, status="pending", updated_at=now, **prefs)
+        subscriber_id = row["id"]
+        raw = new_token()
+        expires = expiry(now, self.settings.confirm_token_hours)
+        batch.tokens.append(dict(token_hash=token_hash(raw), subscriber_id=subscriber_id, created_at=now,
+                                 expires_at=expires, used_at=None, requested_profile=requested_profile))
+        # An imported address never saw the form's consent text: its consent is the confirmation.
+        batch.consents.append(self._consent_row(subscriber_id, "requested", ctx, req.language,
+                                                with_text=ctx.source != "import", topics=req.topics,
+                                                regions=req.regions))
+        batch.events.append(outbox_row(topics.SUBSCRIBER, subscriber_id, messages.SubscriptionRequested(
+            subscriber_id=subscriber_id, email=row["email"], name=name, **prefs, confirm_token=raw,
+            expires_at=expires, manage_token=self.links.token(subscriber_id)), ctx.correlation_id))
+        return True
+
+    async def _write(self, s: AsyncSession, batch: SignupBatch) -> None:
+        """What a batch decided, one statement per table (each statement is a round trip)."""
+        if batch.hit_rows:
+            await s.execute(insert(store.rate_limit_hits), batch.hit_rows)
+        if batch.new:
+            # In address order: two instances inserting the same new addresses wait for each other in
+            # the same order, never in a cycle.
+            await s.execute(insert(s_), [batch.new[email] for email in sorted(batch.new)])
+        if batch.changed:
+            columns = ("name", "status", "updated_at", "language", "topics", "regions")
+            await s.execute(
+                update(s_).where(s_.c.id == bindparam("b_id"))
+                .values({c: bindparam(f"b_{c}", type_=s_.c[c].type) for c in columns}),
+                [{"b_id": row["id"], **{f"b_{c}": row[c] for c in columns}} for row in batch.changed.values()])
+        if batch.tokens:
+            await s.execute(insert(store.confirmation_tokens), batch.tokens)
+        if batch.consents:
+            await s.execute(insert(store.consent_log), batch.consents)
+        await add_all_to_outbox(s, store.infra, batch.events)
 
     async def token_language(self, token: str | None) -> tuple[str, str | None]:
         """(state, language) of a confirmation token, for the GET page; changes nothing."""
