@@ -18,7 +18,7 @@ from faststream.kafka import KafkaBroker
 from sqlalchemy import func, select
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from shared import logs
+from shared import logs, messages
 from shared.db import Database, utcnow
 from shared.kafka import consumer_lag, describe
 from shared.outbox import OutboxRelay
@@ -150,7 +150,7 @@ class Runtime:
             raise ConnectionError("Kafka does not answer")
 
 
-CORRELATION_HEADER = b"x-correlation-id"
+CORRELATION_HEADER = messages.CORRELATION_HEADER.encode()  # as ASGI gives header names: lower-case bytes
 
 
 class CorrelationIds:
