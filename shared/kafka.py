@@ -1,7 +1,11 @@
 """Kafka wiring: the broker factory and at-least-once consumers with idempotency and a DLQ (SPEC §2.2).
 
-`register_consumer` subscribes a handler with `AckPolicy.NACK_ON_ERROR`: the offset is committed only
-after the handler returned (its effect is stored), never before (`ACK_FIRST` would lose messages).
+`register_consumer` subscribes a handler whose message's offset is committed only after the handler
+returned (its effect is stored), never before (`ACK_FIRST` would lose messages). The commit is not
+awaited by the handler: `OffsetCommits` sends it while the next message is handled, one commit for all
+the messages handled meanwhile, so a partition is not held to one broker round trip per message. A
+message handled whose commit was lost (crash, rebalance) is delivered again, and its processed-event
+record makes that a no-op.
 A message that cannot be parsed, has an unknown type, or whose handler keeps failing with a
 non-transient error goes to `<topic>.dlq` with the error and its origin in headers, and the partition
 moves on. Transient errors (database or broker down) are retried with backoff and never go to the DLQ.
@@ -18,12 +22,14 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from aiokafka.errors import KafkaError
+from aiokafka import TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, KafkaMessage
 from pydantic import TypeAdapter, ValidationError
-from sqlalchemy import insert
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, StatementError
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import DBAPIError, OperationalError, StatementError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -63,14 +69,69 @@ async def mark_processed(session: AsyncSession, infra: InfraTables, consumer: st
     """Record the event as handled by `consumer` in the effect's own transaction.
 
     Raises AlreadyProcessed when it was, so the caller's transaction (and its effect) rolls back.
-    The insert is the check: two instances racing on one event cannot both commit.
+    The insert is the check: two instances racing on one event cannot both commit (the second waits for
+    the first's transaction and then finds the row). One statement: a conflict is ignored, not raised.
     """
-    try:
-        async with session.begin_nested():
-            await session.execute(insert(infra.processed_events).values(
-                consumer=consumer, event_id=str(event_id), processed_at=utcnow()))
-    except IntegrityError as exc:
-        raise AlreadyProcessed(str(event_id)) from exc
+    values = dict(consumer=consumer, event_id=str(event_id), processed_at=utcnow())
+    upsert = postgresql_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    result = await session.execute(upsert(infra.processed_events).values(**values).on_conflict_do_nothing())
+    if result.rowcount == 0:
+        raise AlreadyProcessed(str(event_id))
+
+
+class OffsetCommits:
+    """Commits the offsets of handled messages in the background, each partition up to the last handled.
+
+    `handled(consumer, record)` notes that `record` is handled (its effect committed); one task per
+    consumer then commits what was noted, and whatever is noted while that commit is on its way goes
+    with the next one. Each consumer handles a partition in order, so the offset noted last for a
+    partition covers everything before it. A commit refused because the partition went to another
+    member (rebalance) is dropped: that member starts from the last commit and finds the messages
+    handled already. Other commit failures are retried with what is noted by then.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._noted: dict[Any, dict[TopicPartition, int]] = {}
+        self._tasks: dict[Any, asyncio.Task[None]] = {}
+        self.commits = 0
+
+    def handled(self, consumer: Any, record: Any) -> None:
+        noted = self._noted.setdefault(consumer, {})
+        noted[TopicPartition(record.topic, record.partition)] = record.offset + 1
+        task = self._tasks.get(consumer)
+        if task is None or task.done():
+            self._tasks[consumer] = asyncio.create_task(self._commit(consumer), name=f"commit-{self.name}")
+
+    async def _commit(self, consumer: Any) -> None:
+        noted = self._noted[consumer]
+        failures = 0
+        while noted:
+            offsets = dict(noted)
+            noted.clear()
+            try:
+                assigned = consumer.assignment()
+                offsets = {tp: offset for tp, offset in offsets.items() if tp in assigned}
+                if offsets:
+                    await consumer.commit(offsets)
+                    self.commits += 1
+                failures = 0
+            except (CommitFailedError, IllegalStateError) as exc:  # no longer this consumer's partitions
+                log.debug("offsets of %s not committed (rebalance): %s", self.name, exc)
+            except KafkaError as exc:
+                failures += 1
+                for tp, offset in offsets.items():  # again, unless a later offset was noted meanwhile
+                    noted.setdefault(tp, offset)
+                log.warning("committing offsets of %s failed (%s), retrying", self.name, describe(exc))
+                await asyncio.sleep(min(0.1 * 2 ** min(failures, 5), 2.0))
+            except Exception:  # noqa: BLE001 - a closed consumer at shutdown: its messages are redelivered
+                log.debug("offsets of %s not committed", self.name, exc_info=True)
+                return
+
+    async def wait(self) -> None:
+        """Until every offset noted so far is committed (or given up)."""
+        while tasks := [t for t in self._tasks.values() if not t.done()]:
+            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class DeadLetters:
@@ -89,6 +150,7 @@ class DeadLetters:
         self.duplicates = 0
         self.failed: Counter[str] = Counter()
         self.subscriber: Any = None
+        self.offsets = OffsetCommits(group_id)
 
     async def send(self, msg: KafkaMessage, error: BaseException, stage: str) -> None:
         record = msg.raw_message
@@ -141,7 +203,13 @@ def register_consumer(
     async def consume(msg: KafkaMessage) -> None:
         correlation_id = correlation_of(msg)
         with log_context(correlation_id=correlation_id, service=service):
-            await handle(msg, correlation_id)
+            try:
+                await handle(msg, correlation_id)
+            except Exception:
+                # Given back: the partition is fetched again from this message, nothing committed past it.
+                await msg.nack()
+                raise
+        dead_letters.offsets.handled(msg.consumer, msg.raw_message)
 
     async def handle(msg: KafkaMessage, correlation_id: str | None) -> None:
         try:
@@ -189,7 +257,8 @@ def register_consumer(
 
     consume.__name__ = f"consume_{topic.replace('.', '_')}_{group_id.replace('-', '_')}"
     subscriber = broker.subscriber(
-        names(topic), group_id=group_id, ack_policy=AckPolicy.NACK_ON_ERROR, auto_offset_reset="earliest",
+        # MANUAL: FastStream neither commits nor seeks; `consume` does both (see OffsetCommits).
+        names(topic), group_id=group_id, ack_policy=AckPolicy.MANUAL, auto_offset_reset="earliest",
         fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
         **({"max_workers": settings.kafka_consumers_per_topic} if settings.kafka_consumers_per_topic > 1 else {}),
         title=f"{group_id}:{topic}",
