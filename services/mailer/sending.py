@@ -1,7 +1,12 @@
 """The sending loop: claims due mails from the ledger, sends them through the SMTP pool, records the
-answer (SPEC §2.2). 4xx and connection errors are retried with backoff; 5xx is a bounce. A claimed mail
-is marked `sending` (committed) just before it is handed to SMTP, so a crash leaves it `ambiguous`,
-never resent, while claimed mails that never left are put back to `pending`.
+answer (SPEC §2.2). 4xx and connection errors are retried with backoff; 5xx is a bounce.
+
+Each connection of the pool takes its share of the claimed mails in groups (one mail at a time when few
+are waiting, at most MAILER_TRANSACTIONAL_HANDOVER_SIZE under load): in one transaction it records the
+answers to its last group and marks the next group `sending` (committed, with the connection in hand),
+then sends that group, each mail's content written together with the next one's envelope. A crash
+leaves the mails of the groups in flight `ambiguous`, never resent (at most SMTP_POOL_SIZE × the hand-over
+size), while claimed mails that never left are put back to `pending`.
 """
 
 from __future__ import annotations
@@ -11,18 +16,22 @@ import contextlib
 import logging
 import re
 import uuid
+from collections import deque
+from dataclasses import dataclass, field
 from datetime import timedelta
 from email.utils import parseaddr
+from typing import Any
 
 import aiosmtplib
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, bindparam, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.mailer import store
 from services.mailer.settings import MailerSettings
-from services.mailer.smtp import SmtpPool
+from services.mailer.smtp import Session, SmtpPool
 from shared import messages, topics
 from shared.db import Database, utcnow
-from shared.outbox import add_to_outbox
+from shared.outbox import add_all_to_outbox, add_to_outbox, outbox_row
 
 log = logging.getLogger(__name__)
 m_ = store.outgoing_mail
@@ -59,6 +68,19 @@ def without_address(answer: str, address: str | None) -> str:
     publish (Kafka keeps what it is given beyond any erasure) must not carry it.
     """
     return re.sub(re.escape(address), "recipient", answer, flags=re.IGNORECASE) if address else answer
+
+
+@dataclass
+class Outcome:
+    """What happened to one group of mails on one connection, recorded in one transaction."""
+
+    sent: list = field(default_factory=list)
+    failed: list[tuple[Any, int | None, str]] = field(default_factory=list)  # (row, SMTP code, error)
+    ambiguous: list[tuple[Any, str]] = field(default_factory=list)  # (row, error): handed over, no answer
+    unsent: list = field(default_factory=list)  # never handed to SMTP: due again at once
+
+    def __bool__(self) -> bool:
+        return bool(self.sent or self.failed or self.ambiguous or self.unsent)
 
 
 class Sender:
@@ -123,67 +145,149 @@ class Sender:
         return size
 
     async def send_due(self) -> int:
+        """Claim due mails and send them over the pool's connections; returns how many were claimed."""
         rows = await self.claim(self.batch_size())
-        if rows:
-            await asyncio.gather(*(self._send_one(row) for row in rows))
+        if not rows:
+            return 0
+        queue = deque(rows)
+        workers = min(self.pool.size, len(rows))
+        try:
+            async with asyncio.TaskGroup() as group:
+                for _ in range(workers):
+                    group.create_task(self._connection_worker(queue, workers))
+        finally:
+            if queue:  # a worker failed (the database?): what it never took is due again
+                left = list(queue)
+                async with self.db.transaction() as s:
+                    await self._record(s, Outcome(unsent=left))
         return len(rows)
 
-    async def _send_one(self, row) -> None:
-        await self.limiter.wait()
+    def _group(self, queue: deque, workers: int) -> list:
+        """The next group for one connection: an equal share of what is waiting, at most the hand-over size
+        (one mail at a time when little is waiting: the connections send in parallel)."""
+        size = min(self.settings.transactional_handover_size, max(1, -(-len(queue) // workers)))
+        return [queue.popleft() for _ in range(min(size, len(queue)))]
 
-        async def hand_over() -> bool:
-            # With an SMTP connection in hand: from here on, a crash leaves the mail ambiguous.
-            async with self.db.transaction() as s:
-                handed = await s.execute(update(m_).where(mine(row), m_.c.status == "claimed")
-                                         .values(status="sending", claimed_at=utcnow()))
-            return bool(handed.rowcount)
-
+    async def _connection_worker(self, queue: deque, workers: int) -> None:
+        """One SMTP connection's loop: in one transaction, record the last group's answers and hand over
+        the next group (`sending`, committed: with the connection in hand); then send that group."""
+        outcome = Outcome()
         try:
-            if await self.pool.send(row.message, self.envelope_from, row.recipient, on_handover=hand_over) is None:
-                return
-        except aiosmtplib.SMTPRecipientsRefused as exc:
-            code = min((r.code for r in exc.recipients), default=None)
-            # The server's answer, not the exception's text (which lists the recipient's address).
-            await self._failed(row, code, "; ".join(r.message for r in exc.recipients))
-        except aiosmtplib.SMTPResponseException as exc:
-            await self._failed(row, exc.code, exc.message)
+            async with self.pool.connection() as session:
+                reused = session.mails > 0
+                while True:
+                    group = self._group(queue, workers) if session.is_open else []
+                    ready = [(row, self.pool.prepare(row.message)) for row in group]
+                    async with self.db.transaction() as s:
+                        await self._record(s, outcome)
+                        outcome = Outcome()
+                        ready = await self._hand_over(s, ready)
+                    if not group:
+                        return
+                    outcome = await self._send_group(session, ready, reused)
+                    reused = False
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            await self._failed(row, None, f"{type(exc).__name__}: {exc}")
-        else:
-            await self._sent(row)
+            # No connection: what is waiting counts as a failed attempt (retried with backoff), so a relay
+            # that is down is not asked again at once for every mail.
+            taken = [queue.popleft() for _ in range(len(queue))]
+            outcome.failed.extend((row, None, f"{type(exc).__name__}: {exc}") for row in taken)
+            async with self.db.transaction() as s:
+                await self._record(s, outcome)
+            outcome = Outcome()
+        finally:
+            if outcome:  # cancelled mid-group: what was answered is still recorded
+                async with self.db.transaction() as s:
+                    await self._record(s, outcome)
 
-    async def _sent(self, row) -> None:
-        async with self.db.transaction() as s:
-            # Guarded by the claim: only the instance that handed this mail to SMTP records it (the
-            # real outcome wins even if a slow send was meanwhile counted as ambiguous).
-            await s.execute(update(m_).where(mine(row)).values(
-                status="sent", sent_at=utcnow(), attempts=row.attempts + 1, last_error=None))
-            if row.subscriber_id:
-                await add_to_outbox(s, store.infra, topics.DELIVERY, row.subscriber_id, messages.MailSent(
-                    subscriber_id=row.subscriber_id, mail_id=row.id, kind=row.kind, message_id=row.message_id),
-                    row.correlation_id)
-        self.counts["sent"] += 1
+    async def _hand_over(self, s: AsyncSession, ready: list) -> list:
+        """Mark the group `sending` (from now on a crash leaves them ambiguous); the ones still claimed."""
+        if not ready:
+            return ready
+        claim = ready[0][0].claimed_by
+        ids = [row.id for row, _data in ready]
+        handed = await s.execute(update(m_).where(m_.c.id.in_(ids), m_.c.claimed_by == claim,
+                                                  m_.c.status == "claimed")
+                                 .values(status="sending", claimed_at=utcnow()))
+        if handed.rowcount == len(ready):
+            return ready
+        still = set((await s.scalars(select(m_.c.id).where(m_.c.id.in_(ids), m_.c.claimed_by == claim,
+                                                            m_.c.status == "sending"))).all())
+        return [(row, data) for row, data in ready if row.id in still]
 
-    async def _failed(self, row, code: int | None, error: str) -> None:
+    async def _send_group(self, session: Session, ready: list, reused: bool) -> Outcome:
+        """Send the group over `session`, in order; stops at the first broken connection."""
+        outcome = Outcome()
+        for index, (row, data) in enumerate(ready):
+            await self.limiter.wait()
+            # The next mail's envelope rides with this one's content (one write, one round trip each),
+            # unless the rate limit spaces them out.
+            following = ready[index + 1][0].recipient if index + 1 < len(ready) else None
+            then = (self.envelope_from, following) if following and self.limiter.rate <= 0 else None
+            try:
+                await session.send(self.envelope_from, row.recipient, data, then=then)
+            except aiosmtplib.SMTPResponseException as exc:
+                outcome.failed.append((row, exc.code, exc.message))
+            except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+                if session.content_sent:  # handed over, answer lost: counted, never resent
+                    outcome.ambiguous.append((row, f"{type(exc).__name__}: {exc}"[:480]))
+                elif index == 0 and reused and isinstance(exc, aiosmtplib.SMTPServerDisconnected):
+                    outcome.unsent.append(row)  # an idle connection the server had closed: again, at once
+                else:
+                    outcome.failed.append((row, None, f"{type(exc).__name__}: {exc}"))
+                outcome.unsent.extend(r for r, _ in ready[index + 1:])  # the connection is gone: back, untried
+                break
+            else:
+                outcome.sent.append(row)
+        return outcome
+
+    async def _record(self, s: AsyncSession, outcome: Outcome) -> None:
+        """The answers of one group (inside the caller's transaction). Each update is guarded by the claim:
+        only the instance that handed a mail to SMTP records it (the real outcome wins even if a slow send
+        was meanwhile counted as ambiguous)."""
+        if outcome.sent:
+            now = utcnow()
+            await s.execute(
+                update(m_).where(m_.c.id == bindparam("mail"), m_.c.claimed_by == bindparam("claim"),
+                                 or_(*(m_.c.status == status for status in ("claimed", "sending", "ambiguous"))))
+                .values(status="sent", sent_at=now, attempts=bindparam("n"), last_error=None),
+                [{"mail": r.id, "claim": r.claimed_by, "n": r.attempts + 1} for r in outcome.sent])
+            await add_all_to_outbox(s, store.infra, [
+                outbox_row(topics.DELIVERY, r.subscriber_id, messages.MailSent(
+                    subscriber_id=r.subscriber_id, mail_id=r.id, kind=r.kind, message_id=r.message_id),
+                    r.correlation_id)
+                for r in outcome.sent if r.subscriber_id])
+            self.counts["sent"] += len(outcome.sent)
+        for row, code, error in outcome.failed:
+            await self._failed(s, row, code, error)
+        for row, error in outcome.ambiguous:
+            await s.execute(update(m_).where(mine(row)).values(status="ambiguous", last_error=error))
+        if outcome.ambiguous:
+            log.warning("%d mail(s) handed to SMTP without an answer: counted as ambiguous", len(outcome.ambiguous))
+        if outcome.unsent:  # never handed to SMTP: due again at once, no attempt counted
+            await s.execute(update(m_).where(m_.c.id.in_([r.id for r in outcome.unsent]),
+                                             m_.c.claimed_by == outcome.unsent[0].claimed_by,
+                                             m_.c.status.in_(("claimed", "sending")))
+                            .values(status="pending", claimed_by=None, next_attempt_at=utcnow()))
+
+    async def _failed(self, s: AsyncSession, row, code: int | None, error: str) -> None:
         attempts = row.attempts + 1
         permanent = code is not None and 500 <= code < 600
         gave_up = not permanent and attempts >= self.settings.max_attempts
         error = without_address(error, row.recipient)[:480]
-        async with self.db.transaction() as s:
-            if permanent or gave_up:
-                await s.execute(update(m_).where(mine(row)).values(
-                    status="failed", attempts=attempts, last_error=f"{code} {error}"))
-            else:
-                delay = min(self.settings.retry_base_seconds * 2 ** (attempts - 1), self.settings.retry_max_seconds)
-                await s.execute(update(m_).where(mine(row)).values(
-                    status="retry", attempts=attempts, last_error=f"{code} {error}",
-                    next_attempt_at=utcnow() + timedelta(seconds=delay)))
-            if row.subscriber_id:
-                event = (messages.MailBounced(subscriber_id=row.subscriber_id, mail_id=row.id, kind=row.kind,
-                                              smtp_code=code, error=error) if permanent else
-                         messages.MailFailed(subscriber_id=row.subscriber_id, mail_id=row.id, kind=row.kind,
-                                             attempt=attempts, final=gave_up, smtp_code=code, error=error))
-                await add_to_outbox(s, store.infra, topics.DELIVERY, row.subscriber_id, event, row.correlation_id)
+        if permanent or gave_up:
+            await s.execute(update(m_).where(mine(row)).values(
+                status="failed", attempts=attempts, last_error=f"{code} {error}"))
+        else:
+            delay = min(self.settings.retry_base_seconds * 2 ** (attempts - 1), self.settings.retry_max_seconds)
+            await s.execute(update(m_).where(mine(row)).values(
+                status="retry", attempts=attempts, last_error=f"{code} {error}",
+                next_attempt_at=utcnow() + timedelta(seconds=delay)))
+        if row.subscriber_id:
+            event = (messages.MailBounced(subscriber_id=row.subscriber_id, mail_id=row.id, kind=row.kind,
+                                          smtp_code=code, error=error) if permanent else
+                     messages.MailFailed(subscriber_id=row.subscriber_id, mail_id=row.id, kind=row.kind,
+                                         attempt=attempts, final=gave_up, smtp_code=code, error=error))
+            await add_to_outbox(s, store.infra, topics.DELIVERY, row.subscriber_id, event, row.correlation_id)
         self.counts["bounced" if permanent else "failed" if gave_up else "retry"] += 1
         log.info("mail %s %s after attempt %d: %s %s", row.id,
                  "bounced" if permanent else "gave up" if gave_up else "will retry", attempts, code, error[:120])

@@ -72,6 +72,11 @@ class MailerSettings(ServiceSettings):
         25, ge=1, le=1000,
         description="Campaign mails one SMTP connection takes per hand-over: they are marked in flight together, "
                     "so a crash leaves at most SMTP_POOL_SIZE × this many mails ambiguous (never resent)")
+    transactional_handover_size: int = Field(
+        8, ge=1, le=100,
+        description="Confirmation, welcome and event mails one SMTP connection takes per hand-over when many "
+                    "are waiting (one at a time when few are): they are marked in flight together, so a crash "
+                    "leaves at most SMTP_POOL_SIZE × this many of them ambiguous (never resent).")
     digest_enabled: bool = Field(True, description="Send the monthly digest of upcoming events.")
     digest_weekday: int = Field(0, ge=0, le=6, description="Weekday of the digest (0 = Monday); it goes out on "
                                                             "the first such day of each month.")

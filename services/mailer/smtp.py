@@ -13,7 +13,7 @@ import contextlib
 import logging
 import re
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from email.message import EmailMessage
 
@@ -130,6 +130,7 @@ class Session:
         client.transport = client.protocol = None  # the client object is done; the session owns the socket
         self.broken = False
         self.content_sent = False  # of the last transaction: after this, a lost connection is ambiguous
+        self.mails = 0  # mail transactions done on this session
         self._ahead: tuple[tuple[str, str], list[asyncio.Future]] | None = None  # see `send(then=…)`
 
     @property
@@ -194,6 +195,7 @@ class Session:
         except aiosmtplib.SMTPServerDisconnected:
             self.broken = True
             raise
+        self.mails += 1
         if done.code >= 400:
             raise aiosmtplib.SMTPDataError(done.code, done.message)
         return done.message
@@ -284,21 +286,11 @@ class SmtpPool:
             data = self.signer.sign(data)
         return data if wire_ready and self.signer is None else wire_format(data)
 
-    async def send(self, message: EmailMessage | str | bytes, sender: str, recipient: str,
-                   on_handover: Callable[[], Awaitable[bool]] | None = None) -> str | None:
-        """Send one message; a connection found closed before the mail went out is reopened once.
-
-        `on_handover` runs once a connection is held, just before the message goes out; it records that
-        the mail is now in flight. If it returns False the mail is not sent (None is returned).
-        """
+    async def send(self, message: EmailMessage | str | bytes, sender: str, recipient: str) -> str:
+        """Send one message; a connection found closed before the mail went out is reopened once."""
         data = self.prepare(message)
-        handed_over = on_handover is None
         for attempt in (1, 2):
             async with self.connection() as session:
-                if not handed_over:
-                    if not await on_handover():
-                        return None
-                    handed_over = True
                 try:
                     return await session.send(sender, recipient, data)
                 except aiosmtplib.SMTPServerDisconnected:
