@@ -15,7 +15,7 @@ from email.message import EmailMessage
 
 import pytest
 
-from services.mailer.composer import Skeleton
+from services.mailer.composer import Skeleton, TransactionalLetters
 from services.mailer.eventmail import literal
 from services.mailer.render import HeaderInjection, MailRenderer, Recipient
 from services.mailer.smtp import wire_format
@@ -133,3 +133,49 @@ def test_header_injection_in_a_name_is_refused(renderer: MailRenderer) -> None:
     skeleton = Skeleton(renderer, "de", SUBJECTS["personal"], BODIES["placeholders"])
     with pytest.raises(HeaderInjection):
         skeleton.compose("a@example.org", "Eve\r\nBcc: victim@example.org", TOKEN)
+
+
+# --- confirmation and welcome mails (TransactionalLetters) -------------------------------------------------
+
+CONFIRM_URL = f"{BASE}/confirm?token=abc%26def&lang=de"
+TRANSACTIONAL = {
+    "confirmation": ("mail.confirmation.subject", {"hours": 48}, {"confirm_url": CONFIRM_URL}),
+    "welcome": ("mail.welcome.subject", {}, {"topics_text": "Arbeit & <Bildung>", "regions_text": "Magdeburg"}),
+}
+
+
+@pytest.mark.parametrize("lang", LANGUAGES)
+@pytest.mark.parametrize("kind", TRANSACTIONAL)
+def test_form_letter_equals_rendered_mail(renderer: MailRenderer, lang: str, kind: str) -> None:
+    subject_key, shared, own = TRANSACTIONAL[kind]
+    letters = TransactionalLetters(renderer)
+    for name in NAMES:
+        recipient = Recipient("amira.o'neil+news@example.org", name, lang)
+        for _ in range(2):  # the second from the letter written for the first
+            data, message_id = letters.compose(kind, recipient, subject_key, shared, own, TOKEN)
+            assert data == wire_format(data) and data.isascii()
+            a = message_from_bytes(data, policy=email_policy.default)
+            assert a["Message-ID"] == message_id
+            rendered = renderer.render(kind, recipient, subject_key, {**shared, **own}, manage_token=TOKEN)
+            same_mail(a, message_from_bytes(wire_format(rendered.message.as_string().encode()),
+                                            policy=email_policy.default))
+    assert len(letters._letters) == 2  # with and without a name
+
+
+def test_form_letters_keep_recipients_apart_and_escape_their_values(renderer: MailRenderer) -> None:
+    letters = TransactionalLetters(renderer)
+    subject_key, shared, _own = TRANSACTIONAL["welcome"]
+    first, _ = letters.compose("welcome", Recipient("a@example.org", "<i>A</i>", "de"), subject_key, shared,
+                               {"topics_text": "<script>x</script>", "regions_text": "Halle"}, "token-a")
+    second, _ = letters.compose("welcome", Recipient("b@example.org", "B", "de"), subject_key, shared,
+                                {"topics_text": "Arbeit", "regions_text": "Magdeburg"}, "token-b")
+    a, b = (bodies(message_from_bytes(m, policy=email_policy.default)) for m in (first, second))
+    assert "&lt;script&gt;x&lt;/script&gt;" in a["text/html"] and "<script>" not in a["text/html"]
+    assert "&lt;i&gt;A&lt;/i&gt;" in a["text/html"] and "Halle" in a["text/plain"]
+    assert "token-a" not in second.decode() and "Halle" not in b["text/plain"] and "Magdeburg" in b["text/plain"]
+    # A non-ASCII address is written by the full renderer (SMTPUTF8), not from a letter.
+    assert letters.compose("welcome", Recipient("jörg@example.org", "J", "de"), subject_key, shared,
+                           {"topics_text": "A", "regions_text": "B"}, "t") is None
+    with pytest.raises(HeaderInjection):
+        letters.compose("welcome", Recipient("e@example.org", "Eve\r\nBcc: v@example.org", "de"), subject_key,
+                        shared, {"topics_text": "A", "regions_text": "B"}, "t")

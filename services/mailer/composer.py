@@ -63,34 +63,18 @@ _clock = _Clock()
 _message_ids = (f"{uuid.uuid4().hex}.{n}" for n in itertools.count(1))
 
 
-class Skeleton:
-    """One campaign in one language, ready to be composed for each recipient."""
+class FormLetter:
+    """A mail rendered once with a marker wherever a recipient's value goes, composed for each recipient.
 
-    def __init__(self, renderer: MailRenderer, language: str, subject_source: str, body_source: str,
+    `subject`, `text` and `html` are the rendered parts, `marker` the random prefix of the markers in
+    them (`<marker><name>x`). `compose_values` fills them in: as they are in the subject and the text
+    part, HTML-escaped in the HTML part (as Jinja's autoescape would have written them).
+    """
+
+    def __init__(self, renderer: MailRenderer, lang: str, subject: str, text: str, html: str, marker: str,
                  attachments: list[tuple[str, str, bytes]] = ()) -> None:
-        self.renderer, self.language = renderer, language
+        self.renderer, self.lang, self._marker = renderer, lang, marker
         token = secrets.token_hex(5)
-        self._marker = f"bp{token}m"
-        self._expressions: list[tuple[str, Template | str]] = []  # (marker name, template or plain name)
-        seen: dict[str, str] = {}
-
-        def mark(node: nodes.Expr) -> str:
-            key = repr(node)
-            if key not in seen:
-                seen[key] = str(len(self._expressions))
-                # `{{ name }}` is looked up; anything else (filters, constants) is evaluated by Jinja
-                self._expressions.append((seen[key], node.name if isinstance(node, nodes.Name) and node.name in
-                                          PLACEHOLDERS else expression(node)))
-            return f"{self._marker}{seen[key]}x"
-
-        subject = split(subject_source, mark)
-        body_text = split(body_source, mark)
-        body_html = split(body_source, mark, markdown=True)
-        links = {name: f"{self._marker}{name}x" for name in LINKS}
-        lang, subject, text, html = renderer.render_parts(
-            "campaign", Recipient("", None, language), "", {"body_html": Markup(body_html), "body_text": body_text},
-            links=links, subject=subject)
-        self.lang = lang
         self._unsubscribe = f"{renderer.base}/unsubscribe?token="
         self._preferences = f"{renderer.base}/preferences?token="
         if renderer.manage_links("t", lang) != {"unsubscribe_url": f"{self._unsubscribe}t&lang={lang}",
@@ -169,20 +153,17 @@ class Skeleton:
                 self._subject_headers[subject] = header
         return header
 
-    def compose(self, email: str, name: str | None, manage_token: str) -> tuple[bytes, str]:
-        """(the recipient's message as bytes, its Message-ID)."""
-        renderer = self.renderer
+    def links(self, manage_token: str) -> dict[str, str]:
         token = quote_plus(manage_token)  # as MailRenderer.manage_links writes the links (urlencode)
-        links = {"unsubscribe_url": f"{self._unsubscribe}{token}&lang={self.lang}",
-                 "preferences_url": f"{self._preferences}{token}&lang={self.lang}"}
-        values: dict[str, Any] = {"name": name or "", "email": email, "organisation": renderer.organisation,
-                                  **links}
-        text_values = {key: values[how] if isinstance(how, str) else how.render(values)
-                       for key, how in self._expressions}
-        text_values.update(links)
+        return {"unsubscribe_url": f"{self._unsubscribe}{token}&lang={self.lang}",
+                "preferences_url": f"{self._preferences}{token}&lang={self.lang}"}
+
+    def compose_values(self, email: str, name: str | None, links: dict[str, str],
+                       text_values: dict[str, str]) -> tuple[bytes, str]:
+        """(the recipient's message as bytes, its Message-ID); `text_values` by marker name."""
         html_values = {key: str(escape(value)) for key, value in text_values.items()}
         subject = self._fill(self._subject, text_values)
-        message_id = f"<{next(_message_ids)}@{renderer.domain}>"
+        message_id = f"<{next(_message_ids)}@{self.renderer.domain}>"
         to = formataddr((safe_header(name), email), charset="utf-8") if name else email
         head = b"".join((
             b"Message-ID: ", message_id.encode(), b"\r\nDate: ", _clock.now(), b"\r\n", self._from_reply_to,
@@ -191,3 +172,77 @@ class Skeleton:
         body = b"".join((self._open, _base64(self._fill(self._text, text_values)), self._between,
                          _base64(self._fill(self._html, html_values)), self._close))
         return head + body, message_id
+
+
+class Skeleton(FormLetter):
+    """One campaign in one language, ready to be composed for each recipient."""
+
+    def __init__(self, renderer: MailRenderer, language: str, subject_source: str, body_source: str,
+                 attachments: list[tuple[str, str, bytes]] = ()) -> None:
+        marker = f"bp{secrets.token_hex(5)}m"
+        self._expressions: list[tuple[str, Template | str]] = []  # (marker name, template or plain name)
+        seen: dict[str, str] = {}
+
+        def mark(node: nodes.Expr) -> str:
+            key = repr(node)
+            if key not in seen:
+                seen[key] = str(len(self._expressions))
+                # `{{ name }}` is looked up; anything else (filters, constants) is evaluated by Jinja
+                self._expressions.append((seen[key], node.name if isinstance(node, nodes.Name) and node.name in
+                                          PLACEHOLDERS else expression(node)))
+            return f"{marker}{seen[key]}x"
+
+        subject = split(subject_source, mark)
+        body_text = split(body_source, mark)
+        body_html = split(body_source, mark, markdown=True)
+        links = {name: f"{marker}{name}x" for name in LINKS}
+        lang, subject, text, html = renderer.render_parts(
+            "campaign", Recipient("", None, language), "", {"body_html": Markup(body_html), "body_text": body_text},
+            links=links, subject=subject)
+        super().__init__(renderer, lang, subject, text, html, marker, attachments)
+
+    def compose(self, email: str, name: str | None, manage_token: str) -> tuple[bytes, str]:
+        """(the recipient's message as bytes, its Message-ID)."""
+        links = self.links(manage_token)
+        values: dict[str, Any] = {"name": name or "", "email": email, "organisation": self.renderer.organisation,
+                                  **links}
+        text_values = {key: values[how] if isinstance(how, str) else how.render(values)
+                       for key, how in self._expressions}
+        text_values.update(links)
+        return self.compose_values(email, name, links, text_values)
+
+
+class TransactionalLetters:
+    """Confirmation and welcome mails composed from form letters (one per kind, language, with or
+    without a name, and the values every recipient shares), like campaign mails from a skeleton: the
+    template is rendered once, each mail only filled in. `compose` gives None where a mail has to be
+    rendered in full (an address that is not ASCII)."""
+
+    def __init__(self, renderer: MailRenderer) -> None:
+        self.renderer = renderer
+        self._letters: dict[tuple, FormLetter] = {}
+
+    def compose(self, kind: str, recipient: Recipient, subject_key: str, shared: dict[str, Any],
+                own: dict[str, str], manage_token: str) -> tuple[bytes, str] | None:
+        """`shared`: context values alike for many recipients (part of the letter); `own`: the recipient's
+        (filled in)."""
+        if not recipient.email.isascii():
+            return None
+        renderer = self.renderer
+        lang = recipient.language if recipient.language in renderer.tr.taxonomy.languages \
+            else renderer.tr.taxonomy.default_language
+        names = sorted(own)
+        key = (kind, lang, bool(recipient.name), tuple(names), tuple(sorted(shared.items())))
+        letter = self._letters.get(key)
+        if letter is None:
+            if len(self._letters) > 256:
+                self._letters.clear()
+            marker = f"bp{secrets.token_hex(5)}m"  # marker names: "name", the links, the own values' indexes
+            lang, subject, text, html = renderer.render_parts(
+                kind, Recipient("", f"{marker}namex" if recipient.name else None, lang), subject_key,
+                {**shared, **{name: f"{marker}{i}x" for i, name in enumerate(names)}},
+                links={name: f"{marker}{name}x" for name in LINKS})
+            letter = self._letters[key] = FormLetter(renderer, lang, subject, text, html, marker)
+        links = letter.links(manage_token)
+        values = {"name": recipient.name or "", **{str(i): own[name] for i, name in enumerate(names)}, **links}
+        return letter.compose_values(recipient.email, recipient.name, links, values)

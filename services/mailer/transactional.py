@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.mailer import store
+from services.mailer.composer import TransactionalLetters
 from services.mailer.render import MailRenderer, Recipient, Rendered
 from shared import messages, topics
 from shared.db import Database, utcnow, wake_after_commit
@@ -26,14 +27,23 @@ CONSUMER = "mailer.subscriber"
 UNSENT = ("pending", "retry")
 
 
-async def enqueue_mail(s: AsyncSession, rendered: Rendered, *, dedupe_key: str, kind: str, recipient: str,
+class Written(NamedTuple):
+    """A mail as the ledger stores it: the whole message as text, and its Message-ID."""
+
+    source: str
+    message_id: str
+
+
+async def enqueue_mail(s: AsyncSession, mail: Rendered | Written, *, dedupe_key: str, kind: str, recipient: str,
                        subscriber_id: str | None, correlation_id: str | None) -> str:
+    """A ledger row for the mail, due now."""
     mail_id = str(uuid.uuid4())
     now = utcnow()
+    source, message_id = (mail.message.as_string(), mail.message_id) if isinstance(mail, Rendered) else mail
     wake_after_commit(s, "mail")
     await s.execute(insert(m_).values(
         id=mail_id, dedupe_key=dedupe_key, subscriber_id=subscriber_id, kind=kind, recipient=recipient,
-        message=rendered.message.as_string(), message_id=rendered.message_id, status="pending", attempts=0,
+        message=source, message_id=message_id, status="pending", attempts=0,
         next_attempt_at=now, created_at=now, correlation_id=(correlation_id or "")[:64] or None))
     return mail_id
 
@@ -41,6 +51,7 @@ async def enqueue_mail(s: AsyncSession, rendered: Rendered, *, dedupe_key: str, 
 class TransactionalMail:
     def __init__(self, db: Database, renderer: MailRenderer) -> None:
         self.db, self.renderer = db, renderer
+        self.letters = TransactionalLetters(renderer)
 
     def _labels(self, dimension: str, keys: list[str], lang: str) -> str:
         taxonomy = self.renderer.tr.taxonomy
@@ -48,9 +59,11 @@ class TransactionalMail:
             return self.renderer.tr.gettext(lang, "mail.welcome.all")
         return ", ".join(taxonomy.label(dimension, k, lang) for k in keys)
 
-    async def _upsert(self, s: AsyncSession, subscriber_id: str, **values: Any) -> None:
+    async def _upsert(self, s: AsyncSession, subscriber_id: str, exists: bool | None = None, **values: Any) -> None:
         values["updated_at"] = utcnow()
-        if await s.scalar(select(a_.c.subscriber_id).where(a_.c.subscriber_id == subscriber_id)):
+        if exists is None:
+            exists = await s.scalar(select(a_.c.subscriber_id).where(a_.c.subscriber_id == subscriber_id)) is not None
+        if exists:
             await s.execute(update(a_).where(a_.c.subscriber_id == subscriber_id).values(**values))
         else:
             defaults = dict(name=None, topics=[], regions=[], audience="public", groups=[], manage_token=None)
@@ -61,13 +74,15 @@ class TransactionalMail:
                         .values(status="cancelled"))
 
     async def handle(self, event: Any, correlation_id: str | None) -> None:
+        # Written before the transaction: the connection is not held while the mail is rendered.
+        mail = self._mail(event)
         async with self.db.transaction() as s:
             await mark_processed(s, store.infra, CONSUMER, event.event_id)
             match event:
                 case messages.SubscriptionRequested():
-                    await self._requested(s, event, correlation_id)
+                    await self._requested(s, event, mail, correlation_id)
                 case messages.SubscriptionConfirmed():
-                    await self._confirmed(s, event, correlation_id)
+                    await self._confirmed(s, event, mail, correlation_id)
                 case messages.PreferencesChanged():
                     await self._upsert(s, event.subscriber_id, email=event.email, name=event.name,
                                        language=event.language, topics=event.topics, regions=event.regions,
@@ -94,32 +109,47 @@ class TransactionalMail:
                     await s.execute(delete(store.infra.outbox).where(store.infra.outbox.c.key == event.subscriber_id,
                                                                      store.infra.outbox.c.topic == topics.DELIVERY))
 
-    async def _requested(self, s: AsyncSession, event: messages.SubscriptionRequested, cid: str | None) -> None:
+    def _mail(self, event: Any) -> Written | None:
+        """The confirmation or welcome mail an event asks for (filled in from a form letter)."""
+        match event:
+            case messages.SubscriptionRequested():
+                hours = max(1, round((event.expires_at - event.occurred_at).total_seconds() / 3600))
+                confirm_url = self.renderer.link("/confirm", token=event.confirm_token, lang=event.language)
+                # The links let someone signed up by a stranger refuse further mail with one click (RFC 8058).
+                return self._write("confirmation", event, "mail.confirmation.subject", {"hours": hours},
+                                   {"confirm_url": confirm_url})
+            case messages.SubscriptionConfirmed(welcome=True):
+                lang = event.language
+                return self._write("welcome", event, "mail.welcome.subject", {},
+                                   {"topics_text": self._labels("topics", event.topics, lang),
+                                    "regions_text": self._labels("regions", event.regions, lang)})
+        return None  # imported with proof of consent: in the audience, not greeted
+
+    def _write(self, kind: str, event: Any, subject_key: str, shared: dict[str, Any], own: dict[str, str]) -> Written:
+        recipient = Recipient(event.email, event.name, event.language)
+        composed = self.letters.compose(kind, recipient, subject_key, shared, own, event.manage_token)
+        if composed is not None:
+            data, message_id = composed
+            return Written(data.decode("ascii"), message_id)
+        rendered = self.renderer.render(kind, recipient, subject_key, {**shared, **own},
+                                        manage_token=event.manage_token)
+        return Written(rendered.message.as_string(), rendered.message_id)
+
+    async def _requested(self, s: AsyncSession, event: messages.SubscriptionRequested, mail: Written,
+                         cid: str | None) -> None:
         current = await s.scalar(select(a_.c.status).where(a_.c.subscriber_id == event.subscriber_id))
         if current != "active":  # an active subscriber asking to change choices stays active meanwhile
-            await self._upsert(s, event.subscriber_id, email=event.email, name=event.name, language=event.language,
-                               topics=event.topics, regions=event.regions, status="pending")
-        hours = max(1, round((event.expires_at - event.occurred_at).total_seconds() / 3600))
-        confirm_url = self.renderer.link("/confirm", token=event.confirm_token, lang=event.language)
-        rendered = self.renderer.render(
-            "confirmation", Recipient(event.email, event.name, event.language), "mail.confirmation.subject",
-            {"confirm_url": confirm_url, "hours": hours},
-            # Lets someone signed up by a stranger refuse further mail with one click (RFC 8058).
-            manage_token=event.manage_token)
-        await enqueue_mail(s, rendered, dedupe_key=f"{event.event_id}:confirmation", kind="confirmation",
+            await self._upsert(s, event.subscriber_id, exists=current is not None, email=event.email,
+                               name=event.name, language=event.language, topics=event.topics,
+                               regions=event.regions, status="pending")
+        await enqueue_mail(s, mail, dedupe_key=f"{event.event_id}:confirmation", kind="confirmation",
                            recipient=event.email, subscriber_id=event.subscriber_id, correlation_id=cid)
 
-    async def _confirmed(self, s: AsyncSession, event: messages.SubscriptionConfirmed, cid: str | None) -> None:
+    async def _confirmed(self, s: AsyncSession, event: messages.SubscriptionConfirmed, mail: Written | None,
+                         cid: str | None) -> None:
         await self._upsert(s, event.subscriber_id, email=event.email, name=event.name, language=event.language,
                            topics=event.topics, regions=event.regions, audience=event.audience,
                            groups=event.groups, status="active", manage_token=event.manage_token)
-        if not event.welcome:  # imported with proof of consent: in the audience, not greeted
-            return
-        lang = event.language
-        rendered = self.renderer.render(
-            "welcome", Recipient(event.email, event.name, lang), "mail.welcome.subject",
-            {"topics_text": self._labels("topics", event.topics, lang),
-             "regions_text": self._labels("regions", event.regions, lang)},
-            manage_token=event.manage_token)
-        await enqueue_mail(s, rendered, dedupe_key=f"{event.event_id}:welcome", kind="welcome",
-                           recipient=event.email, subscriber_id=event.subscriber_id, correlation_id=cid)
+        if mail is not None:
+            await enqueue_mail(s, mail, dedupe_key=f"{event.event_id}:welcome", kind="welcome",
+                               recipient=event.email, subscriber_id=event.subscriber_id, correlation_id=cid)
