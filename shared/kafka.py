@@ -94,7 +94,6 @@ class OffsetCommits:
         self.name = name
         self._noted: dict[Any, dict[TopicPartition, int]] = {}
         self._tasks: dict[Any, asyncio.Task[None]] = {}
-        self.commits = 0
 
     def handled(self, consumer: Any, record: Any) -> None:
         noted = self._noted.setdefault(consumer, {})
@@ -114,7 +113,6 @@ class OffsetCommits:
                 offsets = {tp: offset for tp, offset in offsets.items() if tp in assigned}
                 if offsets:
                     await consumer.commit(offsets)
-                    self.commits += 1
                 failures = 0
             except (CommitFailedError, IllegalStateError) as exc:  # no longer this consumer's partitions
                 log.debug("offsets of %s not committed (rebalance): %s", self.name, exc)
@@ -127,11 +125,6 @@ class OffsetCommits:
             except Exception:  # noqa: BLE001 - a closed consumer at shutdown: its messages are redelivered
                 log.debug("offsets of %s not committed", self.name, exc_info=True)
                 return
-
-    async def wait(self) -> None:
-        """Until every offset noted so far is committed (or given up)."""
-        while tasks := [t for t in self._tasks.values() if not t.done()]:
-            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class DeadLetters:
