@@ -29,7 +29,7 @@ from faststream.kafka import KafkaBroker, KafkaMessage
 from pydantic import TypeAdapter, ValidationError
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.exc import DBAPIError, OperationalError, StatementError
+from sqlalchemy.exc import OperationalError, StatementError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -47,6 +47,9 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 # Longest a handler retries transient errors in place before giving the message back (nack) so the
 # consumer stays inside max.poll.interval and the partition is fetched again later.
 TRANSIENT_RETRY_SECONDS = 60.0
+# How long a batch consumer's fetch waits for a first message, in milliseconds; FastStream then sleeps as
+# long before the next fetch, so this is what an idle batch consumer adds to a message's way at most.
+BATCH_WAIT_MS = 20
 
 
 def create_broker(settings: CommonSettings, client_id: str) -> KafkaBroker:
@@ -69,14 +72,22 @@ async def mark_processed(session: AsyncSession, infra: InfraTables, consumer: st
     """Record the event as handled by `consumer` in the effect's own transaction.
 
     Raises AlreadyProcessed when it was, so the caller's transaction (and its effect) rolls back.
+    """
+    if not await first_handling(session, infra, consumer, event_id):
+        raise AlreadyProcessed(str(event_id))
+
+
+async def first_handling(session: AsyncSession, infra: InfraTables, consumer: str, event_id: Any) -> bool:
+    """Record the event as handled by `consumer`; False when it was before (then leave its effect out).
+
     The insert is the check: two instances racing on one event cannot both commit (the second waits for
-    the first's transaction and then finds the row). One statement: a conflict is ignored, not raised.
+    the first's transaction and then finds the row). One statement: a conflict is ignored, not raised, so
+    the transaction goes on (a batch's other events keep their effects).
     """
     values = dict(consumer=consumer, event_id=str(event_id), processed_at=utcnow())
     upsert = postgresql_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
     result = await session.execute(upsert(infra.processed_events).values(**values).on_conflict_do_nothing())
-    if result.rowcount == 0:
-        raise AlreadyProcessed(str(event_id))
+    return result.rowcount != 0
 
 
 class OffsetCommits:
@@ -132,8 +143,10 @@ class DeadLetters:
 
     Also what /metrics reports of the consumer: messages handled (`consumed`, duplicates included),
     `duplicates` (already processed: redelivered or replayed), failed attempts by reason (`failed`),
-    dead-lettered (`count`), and the FastStream subscriber whose Kafka consumer knows the lag.
-    `handler` is what the consumer calls for each event (a test can put a faulty one in its place).
+    dead-lettered (`count`), batches handled in one transaction each (`batches`), and the FastStream
+    subscriber whose Kafka consumer knows the lag.
+    `handler` is what the consumer calls for each event, `batch_handler` (if any) for several at once (a
+    test can put faulty ones in their place).
     """
 
     def __init__(self, broker: KafkaBroker, group_id: str, topic: str, handler: Handler) -> None:
@@ -141,13 +154,16 @@ class DeadLetters:
         self.count = 0
         self.consumed = 0
         self.duplicates = 0
+        self.batches = 0  # handled by `batch_handler`, one transaction each
         self.failed: Counter[str] = Counter()
+        self.batch_handler: BatchHandler | None = None
         self.subscriber: Any = None
         self.offsets = OffsetCommits(group_id)
 
-    async def send(self, msg: KafkaMessage, error: BaseException, stage: str) -> None:
-        record = msg.raw_message
-        headers = {k: v for k, v in (msg.headers or {}).items() if isinstance(v, str)}
+    async def send(self, record: Any, error: BaseException, stage: str) -> None:
+        """Publish the Kafka `record` (key, value, headers as they came) with why and where it failed."""
+        headers = {key: value.decode("utf-8", "replace") for key, value in record.headers or ()
+                   if isinstance(value, bytes)}
         headers.update({
             "x-dlq-error": describe(error)[:2000],
             "x-dlq-stage": stage,
@@ -157,7 +173,7 @@ class DeadLetters:
             "x-original-offset": str(record.offset),
             "x-failed-at": datetime.now(UTC).isoformat(),
         })
-        await self.broker.publish(record.value or b"", dlq(record.topic), key=record.key, headers=headers)
+        await self.broker.publish(bytes(record.value or b""), dlq(record.topic), key=record.key, headers=headers)
         self.count += 1
         log.error("message %s/%d@%d to DLQ (%s): %s", record.topic, record.partition, record.offset,
                   stage, headers["x-dlq-error"][:300])
@@ -176,6 +192,9 @@ def describe(error: BaseException) -> str:
 
 
 Handler = Callable[[Any, str | None], Awaitable[None]]
+# Handles several events (with their correlation ids) in one transaction, in the order given, leaving out
+# those handled before; returns how many it left out. All or nothing: an error rolls every one back.
+BatchHandler = Callable[[list[tuple[Any, str | None]]], Awaitable[int]]
 
 
 def consumer_group(service: str, topic: str, prefix: str = "") -> str:
@@ -186,30 +205,91 @@ def consumer_group(service: str, topic: str, prefix: str = "") -> str:
 
 def register_consumer(
     broker: KafkaBroker, settings: CommonSettings, names: TopicNames, topic: str, service: str,
-    schema: TypeAdapter[Any], handler: Handler,
+    schema: TypeAdapter[Any], handler: Handler, batch_handler: BatchHandler | None = None,
 ) -> DeadLetters:
-    """Subscribe `handler(event, correlation_id)` to `topic` with commit-after-processing and a DLQ."""
+    """Subscribe `handler(event, correlation_id)` to `topic` with commit-after-processing and a DLQ.
+
+    With a `batch_handler`, what one fetch brings (up to `CONSUMER_BATCH_SIZE` messages) is handled in one
+    transaction, one commit for all of them; if that fails otherwise than transiently, the batch's events
+    are handled again one by one through `handler`, so only the faulty one goes to the DLQ.
+    """
     group_id = consumer_group(service, topic, names.prefix)
     dead_letters = DeadLetters(broker, group_id, topic, handler)
+    dead_letters.batch_handler = batch_handler
     max_attempts = settings.consumer_max_attempts
 
     async def consume(msg: KafkaMessage) -> None:
-        correlation_id = correlation_of(msg)
+        record = msg.raw_message
+        correlation_id = correlation_of(record)
         with log_context(correlation_id=correlation_id, service=service):
             try:
-                await handle(msg, correlation_id)
+                try:
+                    event = schema.validate_json(record.value or b"")
+                except (ValidationError, ValueError) as exc:
+                    await dead_letters.send(record, exc, "decode")
+                else:
+                    await handle(event, correlation_id, record)
             except Exception:
                 # Given back: the partition is fetched again from this message, nothing committed past it.
                 await msg.nack()
                 raise
-        dead_letters.offsets.handled(msg.consumer, msg.raw_message)
+        dead_letters.offsets.handled(msg.consumer, record)
 
-    async def handle(msg: KafkaMessage, correlation_id: str | None) -> None:
-        try:
-            event = schema.validate_json(msg.body)
-        except (ValidationError, ValueError) as exc:
-            await dead_letters.send(msg, exc, "decode")
+    async def consume_batch(msg: KafkaMessage) -> None:
+        records = msg.raw_message
+        with log_context(service=service):
+            try:
+                events, unreadable = [], []
+                for record in records:
+                    try:
+                        events.append((schema.validate_json(record.value or b""), correlation_of(record), record))
+                    except (ValidationError, ValueError) as exc:
+                        unreadable.append((record, exc))
+                if events:
+                    await handle_batch(events)
+                # After the others' effects: if this publish fails, the batch comes again and finds them done.
+                for record, exc in unreadable:
+                    await dead_letters.send(record, exc, "decode")
+            except Exception:
+                await msg.nack()  # every partition of the batch from its first message again
+                raise
+        last = {(record.topic, record.partition): record for record in records}
+        for record in last.values():
+            dead_letters.offsets.handled(msg.consumer, record)
+
+    async def handle_batch(events: list[tuple[Any, str | None, Any]]) -> None:
+        attempts, started = 0, asyncio.get_running_loop().time()
+        while True:
+            try:
+                assert dead_letters.batch_handler is not None
+                duplicates = await dead_letters.batch_handler([(event, cid) for event, cid, _ in events])
+            except TRANSIENT_ERRORS as exc:
+                dead_letters.failed["transient"] += 1
+                if asyncio.get_running_loop().time() - started > TRANSIENT_RETRY_SECONDS:
+                    raise
+                log.warning("transient error on %s, retrying a batch of %d: %s", topic, len(events), describe(exc))
+                await asyncio.sleep(min(0.2 * 2 ** min(attempts, 5), 5.0))
+                attempts += 1
+                continue
+            except Exception as exc:  # noqa: BLE001 - one faulty event: find it, handle the others
+                dead_letters.failed["batch"] += 1
+                log.warning("a batch of %d on %s failed (%s); handling its events one by one", len(events),
+                            topic, describe(exc))
+                for event, correlation_id, record in events:
+                    with log_context(correlation_id=correlation_id):
+                        await handle(event, correlation_id, record)
+                return
+            dead_letters.batches += 1
+            dead_letters.consumed += len(events)
+            dead_letters.duplicates += duplicates
+            if log.isEnabledFor(logging.INFO):
+                for event, correlation_id, _ in events:
+                    with log_context(correlation_id=correlation_id):
+                        log.info("%s %s handled (%s)", getattr(event, "type", "event"),
+                                 getattr(event, "event_id", ""), topic)
             return
+
+    async def handle(event: Any, correlation_id: str | None, record: Any) -> None:
         attempts, started = 0, asyncio.get_running_loop().time()
         while True:
             try:
@@ -231,39 +311,35 @@ def register_consumer(
                 log.warning("transient error on %s, retrying: %s", topic, describe(exc))
                 await asyncio.sleep(min(0.2 * 2 ** min(attempts, 5), 5.0))
                 attempts += 1
-            except DBAPIError as exc:  # a database error that is not about connectivity: a bug or bad data
-                dead_letters.failed["error"] += 1
-                attempts += 1
-                if attempts >= max_attempts:
-                    await dead_letters.send(msg, exc, "handler")
-                    return
-                log.warning("handler for %s failed (attempt %d): %s", topic, attempts, describe(exc))
-                await asyncio.sleep(0.1 * attempts)
             except Exception as exc:  # noqa: BLE001 - any bug in a handler must not stop the partition
+                # (a database error that is not about connectivity, too: a bug or bad data)
                 dead_letters.failed["error"] += 1
                 attempts += 1
                 if attempts >= max_attempts:
-                    await dead_letters.send(msg, exc, "handler")
+                    await dead_letters.send(record, exc, "handler")
                     return
                 log.warning("handler for %s failed (attempt %d): %s", topic, attempts, describe(exc))
                 await asyncio.sleep(0.1 * attempts)
 
-    consume.__name__ = f"consume_{topic.replace('.', '_')}_{group_id.replace('-', '_')}"
-    subscriber = broker.subscriber(
+    consume.__name__ = consume_batch.__name__ = f"consume_{topic.replace('.', '_')}_{group_id.replace('-', '_')}"
+    options: dict[str, Any] = dict(
         # MANUAL: FastStream neither commits nor seeks; `consume` does both (see OffsetCommits).
-        names(topic), group_id=group_id, ack_policy=AckPolicy.MANUAL, auto_offset_reset="earliest",
-        fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
-        **({"max_workers": settings.kafka_consumers_per_topic} if settings.kafka_consumers_per_topic > 1 else {}),
-        title=f"{group_id}:{topic}",
+        group_id=group_id, ack_policy=AckPolicy.MANUAL, auto_offset_reset="earliest",
+        fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms, title=f"{group_id}:{topic}",
     )
-    subscriber(consume)
+    if batch_handler is not None:
+        options.update(batch=True, max_records=settings.consumer_batch_size, batch_timeout_ms=BATCH_WAIT_MS)
+    elif settings.kafka_consumers_per_topic > 1:
+        options.update(max_workers=settings.kafka_consumers_per_topic)
+    subscriber = broker.subscriber(names(topic), **options)
+    subscriber(consume_batch if batch_handler is not None else consume)
     dead_letters.subscriber = subscriber
     return dead_letters
 
 
-def correlation_of(msg: KafkaMessage) -> str | None:
-    """The message's correlation id header, if it is a sane one (it ends up in every log line)."""
-    value = (msg.headers or {}).get(CORRELATION_HEADER)
+def correlation_of(record: Any) -> str | None:
+    """The record's correlation id header, if it is a sane one (it ends up in every log line)."""
+    value = next((value for key, value in record.headers or () if key == CORRELATION_HEADER), None)
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
     if not isinstance(value, str) or not value or not value.isprintable():

@@ -50,7 +50,7 @@ class CommonSettings(BaseSettings):
         1, ge=1, le=32, validation_alias=env("KAFKA_CONSUMERS_PER_TOPIC"),
         description="Consumers per topic in one process (FastStream `max_workers`): partitions are handled in "
                     "parallel, each in order. Raise it for throughput on Apache Kafka; each is one more group "
-                    "member.",
+                    "member. (Batch consumers have one per process.)",
     )
     kafka_topic_prefix: str = Field(
         "", validation_alias=env("KAFKA_TOPIC_PREFIX"),
@@ -93,6 +93,12 @@ class CommonSettings(BaseSettings):
         description="Attempts for a message whose handler fails with a non-transient error before it goes to "
                     "the DLQ. Transient errors (database or broker away) are retried without limit and never "
                     "dead-lettered.",
+    )
+    consumer_batch_size: int = Field(
+        200, ge=1, le=10000, validation_alias=env("CONSUMER_BATCH_SIZE"),
+        description="Most messages a batch consumer (the mailer's of subscriber events) handles in one "
+                    "transaction: what one fetch brings, up to this. Larger batches cost fewer commits under "
+                    "load and hold the database longer.",
     )
 
 

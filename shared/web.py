@@ -356,9 +356,15 @@ class Metrics:
                     ["topic"], "counter", source=lambda: _per_topic(self.consumers, lambda c: {"": c.duplicates}))
         self.family("bridgepost_messages_failed_total",
                     "Failed attempts to handle a Kafka message (reason: transient = database or broker away, "
-                    "retried; error = bad data or a bug, dead-lettered after the last attempt)", ["topic", "reason"],
+                    "retried; error = bad data or a bug, dead-lettered after the last attempt; batch = a batch that "
+                    "failed and was handled again message by message)", ["topic", "reason"],
                     "counter", source=lambda: _per_topic(
-                        self.consumers, lambda c: {r: c.failed.get(r, 0) for r in ("transient", "error")}))
+                        self.consumers, lambda c: {r: c.failed.get(r, 0) for r in ("transient", "error", "batch")}))
+        self.family("bridgepost_message_batches_total",
+                    "Batches of Kafka messages a batch consumer handled in one transaction each (messages "
+                    "consumed ÷ this = messages per transaction)", ["topic"], "counter",
+                    source=lambda: _per_topic([c for c in self.consumers if c.batch_handler],
+                                              lambda c: {"": c.batches}))
         self.family("bridgepost_dlq_messages_total", "Messages this instance sent to a DLQ, by original topic",
                     ["topic"], "counter", source=lambda: _per_topic(self.consumers, lambda c: {"": c.count}))
         self.family("bridgepost_messages_published_total", "Outbox rows this instance published to Kafka",

@@ -199,6 +199,9 @@ async def test_broker_away_during_a_burst_then_back_everything_accepted_is_maile
     await asyncio.sleep(1.0)
     duplicates = {a: len(mails_to(sink, a)) for a in expected if len(mails_to(sink, a)) != 1}
     assert not duplicates, duplicates
+    # What waited while the broker was away came back in batches, several sign-ups per transaction.
+    (subscriber_events,) = [dl for dl in stack.mail_app.state.dead_letters if dl.topic == topics.SUBSCRIBER]
+    assert subscriber_events.consumed > subscriber_events.batches > 0
     for addr in registrations:
         (mail,) = mails_to(sink, addr)
         assert has_calendar(mail)
@@ -387,6 +390,22 @@ class Faulty:
         self.handled.append(str(event.event_id))
 
 
+class FaultyBatch:
+    """A consumer's batch handler with the same bug: a batch holding a bad event fails as a whole."""
+
+    def __init__(self, handle_batch, faulty: Faulty) -> None:
+        self.handle_batch, self.faulty = handle_batch, faulty
+        self.failed = 0
+
+    async def __call__(self, events) -> int:
+        if not self.faulty.fixed and any(str(event.event_id) in self.faulty.bad for event, _ in events):
+            self.failed += 1
+            raise RuntimeError("simulated bug")
+        duplicates = await self.handle_batch(events)
+        self.faulty.handled.extend(str(event.event_id) for event, _ in events)
+        return duplicates
+
+
 class Lines(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
@@ -411,10 +430,14 @@ async def test_poison_on_every_consumed_topic_dead_lettered_partition_goes_on_re
     good = {t: sample(t, tag, str(uuid.uuid4())) for t in consumed}  # a bounce of nobody: no effect
     bug = {t: sample(t, tag, victim_id) for t in consumed}
     bad_ids = {str(e.event_id) for e in bug.values()}
-    faulty_handlers = {}
+    faulty_handlers, faulty_batches = {}, {}
     for dl in consumers:
         faulty_handlers[dl.group_id] = Faulty(dl.handler, bad_ids)
         monkeypatch.setattr(dl, "handler", faulty_handlers[dl.group_id])
+        if dl.batch_handler is not None:  # a failed batch is handled again one by one, through `handler`
+            faulty_batches[dl.group_id] = FaultyBatch(dl.batch_handler, faulty_handlers[dl.group_id])
+            monkeypatch.setattr(dl, "batch_handler", faulty_batches[dl.group_id])
+    assert faulty_batches, "the mailer's consumer of subscriber events handles batches"
     before = {dl.group_id: (dl.failed["error"], dl.count) for dl in consumers}
     lines = Lines()
     logging.getLogger("shared.kafka").addHandler(lines)
@@ -432,6 +455,8 @@ async def test_poison_on_every_consumed_topic_dead_lettered_partition_goes_on_re
         attempts = stack.sub_settings.consumer_max_attempts
         for dl in consumers:  # the bug was tried `attempts` times, then both poisons were dead-lettered
             assert (dl.failed["error"] - before[dl.group_id][0], dl.count - before[dl.group_id][1]) == (attempts, 2)
+        for group_id, batch in faulty_batches.items():  # the batch with the bug failed, its events one by one
+            assert batch.failed >= 1, group_id
         settled = {dl.group_id: (dl.failed["error"], dl.count) for dl in consumers}
         quiet_from = len(lines.records)
         await asyncio.sleep(3.0)  # no hot loop: nothing more is tried, dead-lettered or logged

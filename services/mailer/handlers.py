@@ -20,7 +20,9 @@ def register_handlers(broker: KafkaBroker, settings: CommonSettings, names: Topi
                       transactional: TransactionalMail, event_mail: EventMail,
                       campaigns: Campaigns) -> list[DeadLetters]:
     return [
-        register_consumer(broker, settings, names, topics.SUBSCRIBER, GROUP, SUBSCRIBER_EVENTS, transactional.handle),
+        # Every sign-up passes here: what one fetch brings is handled in one transaction.
+        register_consumer(broker, settings, names, topics.SUBSCRIBER, GROUP, SUBSCRIBER_EVENTS, transactional.handle,
+                          batch_handler=transactional.handle_batch),
         register_consumer(broker, settings, names, topics.EVENT, GROUP, EVENT_EVENTS, event_mail.handle_event),
         register_consumer(broker, settings, names, topics.REGISTRATION, GROUP, REGISTRATION_EVENTS,
                           event_mail.handle_registration),

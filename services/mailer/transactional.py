@@ -1,7 +1,9 @@
 """Subscriber events → audience projection and transactional mails (double opt-in confirmation, welcome).
 
-Each event is handled in one transaction: processed-event marker + projection change + ledger row,
-so a redelivered or replayed event changes nothing and sends nothing twice.
+Each event's effect is stored in one transaction with its processed-event marker (projection change +
+ledger row), so a redelivered or replayed event changes nothing and sends nothing twice. Under load the
+consumer hands over what one fetch brought (`handle_batch`): one transaction for all of them, each
+seeing the ones before it, as if handled one by one.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from services.mailer.composer import TransactionalLetters
 from services.mailer.render import MailRenderer, Recipient, Rendered
 from shared import messages, topics
 from shared.db import Database, utcnow, wake_after_commit
-from shared.kafka import mark_processed
+from shared.kafka import first_handling, mark_processed
 
 log = logging.getLogger(__name__)
 a_ = store.audience
@@ -78,36 +80,51 @@ class TransactionalMail:
         mail = self._mail(event)
         async with self.db.transaction() as s:
             await mark_processed(s, store.infra, CONSUMER, event.event_id)
-            match event:
-                case messages.SubscriptionRequested():
-                    await self._requested(s, event, mail, correlation_id)
-                case messages.SubscriptionConfirmed():
-                    await self._confirmed(s, event, mail, correlation_id)
-                case messages.PreferencesChanged():
-                    await self._upsert(s, event.subscriber_id, email=event.email, name=event.name,
-                                       language=event.language, topics=event.topics, regions=event.regions,
-                                       status=event.status, manage_token=event.manage_token)
-                case messages.GroupsChanged():
-                    await s.execute(update(a_).where(a_.c.subscriber_id == event.subscriber_id)
-                                    .values(audience=event.audience, groups=event.groups, updated_at=utcnow()))
-                case messages.Unsubscribed() | messages.SubscriberSuppressed():
-                    status = "unsubscribed" if isinstance(event, messages.Unsubscribed) else "suppressed"
-                    await s.execute(update(a_).where(a_.c.subscriber_id == event.subscriber_id)
-                                    .values(status=status, updated_at=utcnow()))
-                    await self._cancel_unsent(s, event.subscriber_id)
-                case messages.SubscriberErased():
-                    await s.execute(delete(a_).where(a_.c.subscriber_id == event.subscriber_id))
-                    await self._cancel_unsent(s, event.subscriber_id)
-                    # The ledgers keep that a mail existed (for counts), not to whom or what it said, nor the
-                    # server's answer beyond its code (a refusal names the address); nor do delivery reports
-                    # waiting in the outbox, which quote that answer (no use for an erased subscriber).
-                    d_ = store.campaign_deliveries
-                    await s.execute(update(m_).where(m_.c.subscriber_id == event.subscriber_id).values(
-                        recipient=None, message=None, last_error=func.substr(m_.c.last_error, 1, 4)))
-                    await s.execute(update(d_).where(d_.c.subscriber_id == event.subscriber_id)
-                                    .values(last_error=func.substr(d_.c.last_error, 1, 4)))
-                    await s.execute(delete(store.infra.outbox).where(store.infra.outbox.c.key == event.subscriber_id,
-                                                                     store.infra.outbox.c.topic == topics.DELIVERY))
+            await self._apply(s, event, mail, correlation_id)
+
+    async def handle_batch(self, events: list[tuple[Any, str | None]]) -> int:
+        """Several events in one transaction, in order; returns how many were handled before (left out)."""
+        mails = [self._mail(event) for event, _ in events]
+        duplicates = 0
+        async with self.db.transaction() as s:
+            for (event, correlation_id), mail in zip(events, mails, strict=True):
+                if await first_handling(s, store.infra, CONSUMER, event.event_id):
+                    await self._apply(s, event, mail, correlation_id)
+                else:
+                    duplicates += 1
+        return duplicates
+
+    async def _apply(self, s: AsyncSession, event: Any, mail: Written | None, correlation_id: str | None) -> None:
+        match event:
+            case messages.SubscriptionRequested():
+                await self._requested(s, event, mail, correlation_id)
+            case messages.SubscriptionConfirmed():
+                await self._confirmed(s, event, mail, correlation_id)
+            case messages.PreferencesChanged():
+                await self._upsert(s, event.subscriber_id, email=event.email, name=event.name,
+                                   language=event.language, topics=event.topics, regions=event.regions,
+                                   status=event.status, manage_token=event.manage_token)
+            case messages.GroupsChanged():
+                await s.execute(update(a_).where(a_.c.subscriber_id == event.subscriber_id)
+                                .values(audience=event.audience, groups=event.groups, updated_at=utcnow()))
+            case messages.Unsubscribed() | messages.SubscriberSuppressed():
+                status = "unsubscribed" if isinstance(event, messages.Unsubscribed) else "suppressed"
+                await s.execute(update(a_).where(a_.c.subscriber_id == event.subscriber_id)
+                                .values(status=status, updated_at=utcnow()))
+                await self._cancel_unsent(s, event.subscriber_id)
+            case messages.SubscriberErased():
+                await s.execute(delete(a_).where(a_.c.subscriber_id == event.subscriber_id))
+                await self._cancel_unsent(s, event.subscriber_id)
+                # The ledgers keep that a mail existed (for counts), not to whom or what it said, nor the
+                # server's answer beyond its code (a refusal names the address); nor do delivery reports
+                # waiting in the outbox, which quote that answer (no use for an erased subscriber).
+                d_ = store.campaign_deliveries
+                await s.execute(update(m_).where(m_.c.subscriber_id == event.subscriber_id).values(
+                    recipient=None, message=None, last_error=func.substr(m_.c.last_error, 1, 4)))
+                await s.execute(update(d_).where(d_.c.subscriber_id == event.subscriber_id)
+                                .values(last_error=func.substr(d_.c.last_error, 1, 4)))
+                await s.execute(delete(store.infra.outbox).where(store.infra.outbox.c.key == event.subscriber_id,
+                                                                 store.infra.outbox.c.topic == topics.DELIVERY))
 
     def _mail(self, event: Any) -> Written | None:
         """The confirmation or welcome mail an event asks for (filled in from a form letter)."""
