@@ -96,9 +96,9 @@ class CommonSettings(BaseSettings):
     )
     consumer_batch_size: int = Field(
         200, ge=1, le=10000, validation_alias=env("CONSUMER_BATCH_SIZE"),
-        description="Most messages a batch consumer (the mailer's of subscriber events) handles in one "
-                    "transaction: what one fetch brings, up to this. Larger batches cost fewer commits under "
-                    "load and hold the database longer.",
+        description="Most messages a batch consumer (subscriber events in the mailer, delivery reports in "
+                    "subscriptions) handles in one transaction: what one fetch brings, up to this. Larger batches "
+                    "cost fewer commits under load and hold the database longer.",
     )
 
 

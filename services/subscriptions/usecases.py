@@ -34,7 +34,7 @@ from services.subscriptions.domain import (
 from services.subscriptions.settings import SubscriptionsSettings
 from shared import messages, topics
 from shared.db import Database, utcnow
-from shared.kafka import AlreadyProcessed, mark_processed
+from shared.kafka import AlreadyProcessed, first_handling, mark_processed
 from shared.logs import log_context
 from shared.outbox import add_all_to_outbox, add_to_outbox, outbox_row
 
@@ -44,6 +44,7 @@ s_ = store.subscribers
 
 # Sources whose requests were already gated elsewhere (no per-IP limit here).
 TRUSTED_SOURCES = ("import", "event-registration")
+DELIVERY_CONSUMER = "subscriptions.delivery"  # its processed-event marker
 # The database is away: every sign-up of a batch fails alike (each request answers 503).
 OUTAGES = (OperationalError, InterfaceError)
 
@@ -528,21 +529,37 @@ class Subscriptions:
     async def record_delivery(self, event: messages.MailSent | messages.MailFailed | messages.MailBounced,
                               correlation_id: str | None) -> None:
         async with self.db.transaction() as s:
-            await mark_processed(s, store.infra, "subscriptions.delivery", event.event_id)
-            if not isinstance(event, messages.MailBounced):
-                return
-            row = (await s.execute(select(s_).where(s_.c.id == event.subscriber_id).with_for_update())).first()
-            if row is None or row.status in ("erased", "suppressed"):
-                return
-            bounces = row.hard_bounces + 1
-            await s.execute(update(s_).where(s_.c.id == row.id).values(hard_bounces=bounces, updated_at=utcnow()))
-            if bounces >= self.settings.hard_bounces_to_suppress:
-                await s.execute(update(s_).where(s_.c.id == row.id).values(status="suppressed"))
-                if row.email:
-                    await self._suppress(s, row.email, "hard-bounce")
-                await self._consent(s, row.id, "suppressed", None, reason="hard-bounce", smtp_code=event.smtp_code)
-                await self._emit(s, row.id, messages.SubscriberSuppressed(subscriber_id=row.id, reason="hard-bounce"),
-                                 correlation_id)
+            await mark_processed(s, store.infra, DELIVERY_CONSUMER, event.event_id)
+            await self._delivered(s, event, correlation_id)
+
+    async def record_deliveries(self, events: list[tuple[Any, str | None]]) -> int:
+        """Several delivery reports in one transaction, in order (one per confirmation mail under load);
+        returns how many were recorded before (left out)."""
+        duplicates = 0
+        async with self.db.transaction() as s:
+            for event, correlation_id in events:
+                if await first_handling(s, store.infra, DELIVERY_CONSUMER, event.event_id):
+                    await self._delivered(s, event, correlation_id)
+                else:
+                    duplicates += 1
+        return duplicates
+
+    async def _delivered(self, s: AsyncSession, event: Any, correlation_id: str | None) -> None:
+        """Sent and failed mails are only acknowledged; a hard bounce counts towards suppression."""
+        if not isinstance(event, messages.MailBounced):
+            return
+        row = (await s.execute(select(s_).where(s_.c.id == event.subscriber_id).with_for_update())).first()
+        if row is None or row.status in ("erased", "suppressed"):
+            return
+        bounces = row.hard_bounces + 1
+        await s.execute(update(s_).where(s_.c.id == row.id).values(hard_bounces=bounces, updated_at=utcnow()))
+        if bounces >= self.settings.hard_bounces_to_suppress:
+            await s.execute(update(s_).where(s_.c.id == row.id).values(status="suppressed"))
+            if row.email:
+                await self._suppress(s, row.email, "hard-bounce")
+            await self._consent(s, row.id, "suppressed", None, reason="hard-bounce", smtp_code=event.smtp_code)
+            await self._emit(s, row.id, messages.SubscriberSuppressed(subscriber_id=row.id, reason="hard-bounce"),
+                             correlation_id)
 
     async def newsletter_from_registration(self, event: Any, correlation_id: str | None) -> None:
         """Someone registering for an event ticked "also the newsletter": start the double opt-in."""
