@@ -90,6 +90,20 @@ async def first_handling(session: AsyncSession, infra: InfraTables, consumer: st
     return result.rowcount != 0
 
 
+async def first_handlings(session: AsyncSession, infra: InfraTables, consumer: str, event_ids: list[Any]) -> set[str]:
+    """`first_handling` for several events in one statement: the ids (as text) not handled before."""
+    ids = list(dict.fromkeys(str(event_id) for event_id in event_ids))
+    if not ids:
+        return set()
+    now = utcnow()
+    upsert = postgresql_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    table = infra.processed_events
+    inserted = await session.scalars(
+        upsert(table).values([dict(consumer=consumer, event_id=event_id, processed_at=now) for event_id in ids])
+        .on_conflict_do_nothing().returning(table.c.event_id))
+    return set(inserted.all())
+
+
 class OffsetCommits:
     """Commits the offsets of handled messages in the background, each partition up to the last handled.
 
