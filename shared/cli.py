@@ -68,8 +68,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.migrate:
         asyncio.run(migrate([args.service]))
     port = args.port or settings.port
+    # loop/http "auto": uvloop and httptools (installed with bridgepost), the pure-Python ones without them.
     uvicorn.run(spec.create_app(settings), host=args.host, port=port, log_level="warning",
-                proxy_headers=False, timeout_graceful_shutdown=10)
+                proxy_headers=False, timeout_graceful_shutdown=10, loop="auto", http="auto")
     return 0
 
 
