@@ -37,6 +37,11 @@ log = logging.getLogger(__name__)
 m_ = store.outgoing_mail
 
 
+# Groups per connection one claim takes under load: fewer claims, and fewer waits for the slowest
+# connection before the next claim (the connections of one claim finish together).
+CLAIMED_GROUPS = 4
+
+
 def mine(row):
     """The ledger row as this sender claimed it."""
     return and_(m_.c.id == row.id, m_.c.claimed_by == row.claimed_by,
@@ -139,7 +144,7 @@ class Sender:
     def batch_size(self) -> int:
         # Claim no more than can be handed to SMTP within a few seconds: a claimed mail waiting for
         # the rate limiter longer than `ambiguous_after_seconds` would otherwise look abandoned.
-        size = max(1, self.settings.smtp_pool_size) * 8
+        size = max(1, self.settings.smtp_pool_size) * self.settings.transactional_handover_size * CLAIMED_GROUPS
         if self.settings.send_rate_per_second > 0:
             size = min(size, max(1, int(self.settings.send_rate_per_second * 5)))
         return size
