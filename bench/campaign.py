@@ -516,6 +516,7 @@ async def bench(args: argparse.Namespace, sink_bin: str, source_bin: str, spy_bi
             "SMTP_POOL_SIZE": str(args.connections),
             "MAILER_SEND_RATE_PER_SECOND": "0",
             "PUBLIC_BASE_URL": "http://127.0.0.1:8001",
+            **dict(setting.split("=", 1) for setting in args.set),
         })
 
         # smtp-sink: dumps each mail transaction to its own file (name: time + random hex); as root it
@@ -674,6 +675,7 @@ async def bench(args: argparse.Namespace, sink_bin: str, source_bin: str, spy_bi
 
         return {
             "database": args.database, "subscribers": n, "connections": connections, "instances": args.instances,
+            "settings": args.set,
             "published_in": published_in, "projection_in": projection_in,
             "send_answered": send_answered, "first_after": first_after, "elapsed": elapsed, "rate": rate,
             "done_after": done_after, "mailer_cpu": mailer_cpu, "counts": counts, "check": check,
@@ -803,7 +805,7 @@ def render_markdown(r: dict) -> str:
         f"## {r['database']}",
         "",
         f"{r['subscribers']} subscribers, {r.get('instances', 1)} mailer instance(s) with {r['connections']} SMTP "
-        f"connections in all; {r['cores']} cores ({r['machine']}); "
+        f"connections in all{''.join(f', {x}' for x in r.get('settings', []))}; {r['cores']} cores ({r['machine']}); "
         f"load average before the send {r['load']}; {r['date']}",
         "",
         "| measured | value | target (issue) |",
@@ -880,7 +882,8 @@ def summary_figures(r: dict, output: Path) -> dict:
     return {"benchmark": "campaign", "results": str(output.relative_to(ROOT)) if output.is_relative_to(ROOT)
             else str(output), "database": r["database"], "date": r["date"], "cores": r["cores"],
             "machine": r["machine"], "setup": f"{r['subscribers']} subscribers, {r['connections']} SMTP connections"
-            + (f", {r['instances']} mailers" if r.get("instances", 1) > 1 else ""),
+            + (f", {r['instances']} mailers" if r.get("instances", 1) > 1 else "")
+            + "".join(f", {x}" for x in r.get("settings", [])),
             "figures": [
                 figure("campaign rate", round(r["rate"]), "msg/s", f"≥ {TARGET_RATE:.0f}", r["rate"] >= TARGET_RATE,
                        r["load"]),
@@ -900,6 +903,8 @@ def main() -> int:
     p.add_argument("--instances", type=int, default=1,
                    help="mailer processes sharing the campaign through mailer.jobs.v1 (default 1)")
     p.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite", help="the mailer's database")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="a setting for the mailer, e.g. MAILER_CAMPAIGN_BATCH_SIZE=1000 (repeatable)")
     p.add_argument("--postgres-url", default=DEFAULT_POSTGRES_URL,
                    help="existing database to connect to for CREATE/DROP DATABASE (default: %(default)s)")
     p.add_argument("--profile", action="store_true", help="sample the mailer with py-spy during the campaign")
@@ -916,6 +921,8 @@ def main() -> int:
         args.subscribers = 500
     if args.subscribers < 1 or args.connections < 1 or args.instances < 1:
         p.error("--subscribers, --connections and --instances must be at least 1")
+    if any("=" not in setting for setting in args.set):
+        p.error("--set takes NAME=VALUE")
     args.profile_output = args.profile_output.resolve()
 
     try:
