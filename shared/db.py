@@ -28,8 +28,6 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
-from shared import sqlite_driver
-
 # BigInteger ids that still autoincrement on SQLite (which only does so for INTEGER PRIMARY KEY).
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -120,7 +118,7 @@ def create_engine(url: str) -> AsyncEngine:
         # One connection per process: SQLite has one writer anyway, and this rules out
         # "database is locked" when a read transaction upgrades to a write.
         engine = create_async_engine(url, pool_size=1, max_overflow=0, pool_timeout=60,
-                                     connect_args={"timeout": 30}, module=sqlite_driver.dbapi())
+                                     connect_args={"timeout": 30})
 
         @event.listens_for(engine.sync_engine, "connect")
         def _pragmas(dbapi_conn, _record) -> None:

@@ -144,9 +144,7 @@ async def database_locked(stack: Stack) -> AsyncIterator[None]:
     """Another connection holds what a sign-up's transaction needs, so the writer waits inside its batch."""
     url = stack.sub_settings.database_url
     if url.startswith("sqlite"):
-        # SQLite's lock is not fair: while the services still work off the previous test's mail (back-to-back
-        # transactions) the lock may take more than sqlite3's default 5 s to come this way.
-        conn = sqlite3.connect(url.split("///", 1)[1], isolation_level=None, timeout=60)
+        conn = sqlite3.connect(url.split("///", 1)[1], isolation_level=None)
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield
