@@ -61,8 +61,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (  # noqa: E402 - the benchmarks' shared process helpers
     DEFAULT_POSTGRES_URL,
     Child,
+    add_settings_option,
     figure,
     free_port,
+    given_settings,
     log,
     postgres_databases,
     run_checked,
@@ -516,7 +518,7 @@ async def bench(args: argparse.Namespace, sink_bin: str, source_bin: str, spy_bi
             "SMTP_POOL_SIZE": str(args.connections),
             "MAILER_SEND_RATE_PER_SECOND": "0",
             "PUBLIC_BASE_URL": "http://127.0.0.1:8001",
-            **dict(setting.split("=", 1) for setting in args.set),
+            **given_settings(args.set),
         })
 
         # smtp-sink: dumps each mail transaction to its own file (name: time + random hex); as root it
@@ -903,8 +905,7 @@ def main() -> int:
     p.add_argument("--instances", type=int, default=1,
                    help="mailer processes sharing the campaign through mailer.jobs.v1 (default 1)")
     p.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite", help="the mailer's database")
-    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                   help="a setting for the mailer, e.g. MAILER_CAMPAIGN_BATCH_SIZE=1000 (repeatable)")
+    add_settings_option(p, "a setting for the mailer, e.g. MAILER_CAMPAIGN_BATCH_SIZE=1000 (repeatable)")
     p.add_argument("--postgres-url", default=DEFAULT_POSTGRES_URL,
                    help="existing database to connect to for CREATE/DROP DATABASE (default: %(default)s)")
     p.add_argument("--profile", action="store_true", help="sample the mailer with py-spy during the campaign")
@@ -921,8 +922,6 @@ def main() -> int:
         args.subscribers = 500
     if args.subscribers < 1 or args.connections < 1 or args.instances < 1:
         p.error("--subscribers, --connections and --instances must be at least 1")
-    if any("=" not in setting for setting in args.set):
-        p.error("--set takes NAME=VALUE")
     args.profile_output = args.profile_output.resolve()
 
     try:

@@ -6,6 +6,7 @@ Nothing here is imported by the services or the tests; the benchmark scripts put
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import datetime as dt
@@ -31,6 +32,22 @@ VENV_BIN = Path(sys.executable).parent
 RESULTS = ROOT / "bench" / "results"
 DEFAULT_POSTGRES_URL = os.environ.get("BRIDGEPOST_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 SERVICE_PREFIXES = ("SUBSCRIPTIONS_", "EVENTS_", "MAILER_", "KAFKA_", "SMTP_", "DEV_ADMIN")
+
+
+def add_settings_option(p: argparse.ArgumentParser, help_: str) -> None:
+    """`--set NAME=VALUE` (repeatable): settings for the services the benchmark starts; see `given_settings`."""
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", type=_setting, help=help_)
+
+
+def _setting(value: str) -> str:
+    if "=" not in value:
+        raise argparse.ArgumentTypeError(f"NAME=VALUE expected, not {value!r}")
+    return value
+
+
+def given_settings(values: list[str]) -> dict[str, str]:
+    """The `--set` options as environment variables."""
+    return dict(value.split("=", 1) for value in values)
 
 
 def free_port() -> int:

@@ -50,7 +50,9 @@ from harness import (  # noqa: E402 - the folder of the benchmarks is on sys.pat
     RESULTS,
     ROOT,
     System,
+    add_settings_option,
     figure,
+    given_settings,
     load_average,
     log,
     machine,
@@ -383,7 +385,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(sink.port),
         "SUBSCRIPTIONS_TRUST_FORWARDED_FOR": "true",  # every sign-up from its own client address: limits stay on
         "MAILER_SEND_RATE_PER_SECOND": "0",
-        **dict(s.split("=", 1) for s in args.set),
+        **given_settings(args.set),
     }
     try:
         async with system(Path(tmp.name), args.database, args.postgres_url, settings, args.logs) as sys_:
@@ -400,7 +402,7 @@ async def measure(args: argparse.Namespace, sys_: System, sink: SmtpSink, run: s
         await sys_.serve(service)
     key = await sys_.api_key("admin", ["events", "mailer"])
     await sys_.wait_ready()
-    overrides = dict(s.split("=", 1) for s in args.set)  # the services get no other KAFKA_ settings
+    overrides = given_settings(args.set)  # the services get no other KAFKA_ settings
     fetch_wait = int(overrides.get("KAFKA_FETCH_MAX_WAIT_MS",
                                    CommonSettings.model_fields["kafka_fetch_max_wait_ms"].default))
     log(f"ready: broker {sys_.bootstrap}, SMTP 127.0.0.1:{sink.port}, database {args.database}; "
@@ -589,8 +591,7 @@ def main() -> int:
     p.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite")
     p.add_argument("--postgres-url", default=DEFAULT_POSTGRES_URL,
                    help="existing database to connect to for CREATE/DROP DATABASE (default: %(default)s)")
-    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                   help="a setting for every service, e.g. KAFKA_FETCH_MAX_WAIT_MS=20 (repeatable)")
+    add_settings_option(p, "a setting for every service, e.g. KAFKA_FETCH_MAX_WAIT_MS=20 (repeatable)")
     p.add_argument("--mail-timeout", type=float, default=60.0, help="seconds to wait for each mail (default 60)")
     p.add_argument("--quick", action="store_true", help="a smoke run: 5 s of each part")
     p.add_argument("--logs", type=Path, default=None, metavar="DIR",
@@ -601,8 +602,6 @@ def main() -> int:
         args.seconds = 5.0
     if args.rate <= 0 or args.event_rate <= 0 or args.seconds <= 0 or args.subscribers < 1:
         p.error("--rate, --event-rate, --seconds and --subscribers must be positive")
-    if any("=" not in s for s in args.set):
-        p.error("--set takes NAME=VALUE")
     status, result = run_main(lambda: bench(args))
     if result is None:
         return status

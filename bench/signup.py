@@ -45,8 +45,10 @@ from harness import (  # noqa: E402
     RESULTS,
     ROOT,
     System,
+    add_settings_option,
     figure,
     free_port,
+    given_settings,
     load_average,
     log,
     machine,
@@ -261,7 +263,7 @@ async def bench(args: argparse.Namespace, spy_bin: str | None) -> dict[str, Any]
         "SUBSCRIPTIONS_TRUST_FORWARDED_FOR": "true",  # behind a trusted proxy: the per-IP limit sees X-Forwarded-For
         "MAILER_SEND_RATE_PER_SECOND": "0",  # no send-rate limit: the benchmark measures what the mailer can do
         "PUBLIC_BASE_URL": "http://127.0.0.1:8001",
-        **dict(s.split("=", 1) for s in args.set),
+        **given_settings(args.set),
     }
     gen: LoadGenerator | None = None
     try:
@@ -535,8 +537,7 @@ def main() -> int:
     p.add_argument("--instances", type=int, default=1,
                    help="subscriptions processes (default 1); the load generator spreads its connections over them")
     p.add_argument("--mailers", type=int, default=1, help="mailer processes (default 1)")
-    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                   help="a setting for every service, e.g. KAFKA_FETCH_MAX_WAIT_MS=20 (repeatable)")
+    add_settings_option(p, "a setting for every service, e.g. KAFKA_FETCH_MAX_WAIT_MS=20 (repeatable)")
     p.add_argument("--drain-timeout", type=float, default=300.0,
                    help="longest wait for a level's mails after its load, in seconds (default 300)")
     p.add_argument("--profile", action="store_true",
@@ -552,8 +553,6 @@ def main() -> int:
         args.seconds, args.concurrency, args.rate = 5.0, [10, 50], 100.0
     if args.seconds <= 0 or args.instances < 1 or args.mailers < 1 or args.rate < 0:
         p.error("--seconds, --instances and --mailers must be positive, --rate at least 0")
-    if any("=" not in s for s in args.set):
-        p.error("--set takes NAME=VALUE")
     if not (os.path.exists(SINK) and os.access(SINK, os.X_OK)):
         log(f"{SINK} not found: install Postfix (Debian/Ubuntu: apt-get install postfix), or run bench/campaign.py "
             "once as root, which installs it")
