@@ -24,7 +24,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import aiosmtplib
-from sqlalchemy import and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import and_, case, func, insert, literal_column, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -315,28 +315,37 @@ class Campaigns:
                     await self._record(s, outcome)
 
     async def _take(self, s: AsyncSession, where, limit: int, status: str) -> list:
-        """Claim up to `limit` rows of sending campaigns (as `status`) and return them with the recipients."""
+        """Claim up to `limit` rows of sending campaigns (as `status`) and return them with the recipients.
+
+        One statement: the UPDATE picks its rows by a subquery and returns them together with the
+        recipient's current data (SQLite ≥ 3.35 and PostgreSQL both take subqueries in RETURNING)."""
         claim = f"{self.instance}:{uuid.uuid4().hex[:12]}"
         sending = select(c_.c.id).where(c_.c.status == "sending").scalar_subquery()
         pick = select(d_.c.campaign_id, d_.c.subscriber_id).where(where, d_.c.campaign_id.in_(sending)).limit(limit)
         if self.db.engine.dialect.name == "postgresql":  # instances claim different rows, no waiting
             pick = pick.with_for_update(skip_locked=True)
-        chosen: dict[str, list[str]] = defaultdict(list)
-        for r in (await s.execute(pick)).all():
-            chosen[r.campaign_id].append(r.subscriber_id)
-        if not chosen:
-            return []
-        now = utcnow()
-        for campaign_id, subscriber_ids in chosen.items():
-            # `where` again: a row another instance claimed meanwhile is not taken twice.
-            await s.execute(update(d_).where(d_.c.campaign_id == campaign_id,
-                                             d_.c.subscriber_id.in_(subscriber_ids), where)
-                            .values(status=status, claimed_by=claim, claimed_at=now))
-        return (await s.execute(
-            select(d_.c.campaign_id, d_.c.subscriber_id, d_.c.claimed_by, d_.c.attempts, a_.c.email, a_.c.name,
-                   a_.c.language, a_.c.manage_token, a_.c.regions, a_.c.topics, a_.c.status.label("audience"))
-            .outerjoin(a_, a_.c.subscriber_id == d_.c.subscriber_id)
-            .where(d_.c.claimed_by == claim, d_.c.status == status))).all()
+        # A CTE is evaluated once; as a subquery in IN, PostgreSQL may run a locking LIMIT query per row.
+        picked = pick.cte("picked")
+
+        # The ledger row's subscriber, named with its table: SQLite's RETURNING is written without table
+        # names, and an unqualified `subscriber_id` inside the subquery would be the audience's own.
+        ledger_subscriber = literal_column(f"{d_.name}.subscriber_id")
+
+        def recipient(column, label: str):  # the audience row of the ledger row (none once erased)
+            return select(column).where(a_.c.subscriber_id == ledger_subscriber).scalar_subquery().label(label)
+
+        # `where` again on the UPDATE: a row another instance claimed meanwhile is not taken twice.
+        taken = await s.execute(
+            update(d_).where(tuple_(d_.c.campaign_id, d_.c.subscriber_id).in_(select(picked.c.campaign_id,
+                                                                                      picked.c.subscriber_id)),
+                             where)
+            .values(status=status, claimed_by=claim, claimed_at=utcnow())
+            .returning(d_.c.campaign_id, d_.c.subscriber_id, d_.c.claimed_by, d_.c.attempts,
+                       recipient(a_.c.email, "email"), recipient(a_.c.name, "name"),
+                       recipient(a_.c.language, "language"), recipient(a_.c.manage_token, "manage_token"),
+                       recipient(a_.c.regions, "regions"), recipient(a_.c.topics, "topics"),
+                       recipient(a_.c.status, "audience")))
+        return taken.all()
 
     async def _load_campaigns(self, rows: list, campaigns: dict[str, Any]) -> None:
         missing = {r.campaign_id for r in rows} - campaigns.keys()
@@ -436,15 +445,16 @@ class Campaigns:
 
     async def _record(self, s: AsyncSession, outcome: Outcome) -> None:
         """The answers of one group (inside the caller's transaction)."""
-        if outcome.sent:
+        sent: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)  # (campaign, claim) → subscriber → Message-ID
+        for row, message_id in outcome.sent:
+            sent[row.campaign_id, row.claimed_by][row.subscriber_id] = message_id
+        for (campaign_id, claim), message_ids in sent.items():  # one statement for the group, not one per mail
             await s.execute(
-                update(d_).where(d_.c.campaign_id == bindparam("c"), d_.c.subscriber_id == bindparam("s"),
-                                 d_.c.claimed_by == bindparam("claim"),  # (no IN: executemany)
-                                 or_(*(d_.c.status == status for status in ("claimed", "sending", "ambiguous"))))
-                .values(status="sent", sent_at=utcnow(), attempts=bindparam("n"), message_id=bindparam("m"),
-                        last_error=None),
-                [{"c": r.campaign_id, "s": r.subscriber_id, "claim": r.claimed_by, "n": r.attempts + 1, "m": mid}
-                 for r, mid in outcome.sent])
+                update(d_).where(d_.c.campaign_id == campaign_id, d_.c.claimed_by == claim,
+                                 d_.c.subscriber_id.in_(list(message_ids)),
+                                 d_.c.status.in_(("claimed", "sending", "ambiguous")))
+                .values(status="sent", sent_at=utcnow(), attempts=d_.c.attempts + 1, last_error=None,
+                        message_id=case(message_ids, value=d_.c.subscriber_id)))
         for row, status, error in outcome.settled:
             await s.execute(update(d_).where(self._mine(row)).values(status=status, last_error=error))
         for row, code, error in outcome.failed:
