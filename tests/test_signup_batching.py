@@ -144,7 +144,9 @@ async def database_locked(stack: Stack) -> AsyncIterator[None]:
     """Another connection holds what a sign-up's transaction needs, so the writer waits inside its batch."""
     url = stack.sub_settings.database_url
     if url.startswith("sqlite"):
-        conn = sqlite3.connect(url.split("///", 1)[1], isolation_level=None)
+        # The services write too (relay, consumers): wait for the lock as long as a loaded machine may
+        # need (CI once saw sqlite3's default 5 s run out), but not for ever if a transaction leaked.
+        conn = sqlite3.connect(url.split("///", 1)[1], isolation_level=None, timeout=60)
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield
