@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import DEFAULT_POSTGRES_URL, postgres_databases  # noqa: E402
-from sqlalchemy import and_, insert, select, text  # noqa: E402
+from sqlalchemy import insert, select, text  # noqa: E402
 
 from services.mailer import store  # noqa: E402
 from services.mailer.campaigns import Campaigns, Outcome  # noqa: E402
@@ -81,16 +81,15 @@ async def hand_over(db: Database, settings: MailerSettings, campaign_id: str,
     """Take groups until none are left, recording each as sent; (groups, mails, CPU s, wall s). Each row
     taken must come with its own recipient's address."""
     campaigns = Campaigns(db, renderer=None, settings=settings, pool=None, limiter=None)
-    d_ = store.campaign_deliveries
     groups = mails = 0
     cpu, wall = time.process_time(), time.perf_counter()
     for batch in range(-(-len(addresses) // settings.campaign_batch_size)):  # as the batch's job drains it
-        where = and_(d_.c.campaign_id == campaign_id, d_.c.batch == batch, d_.c.status == "pending")
+        params = {"w_campaign": campaign_id, "w_batch": batch}
         outcome = Outcome()
         while True:
             async with db.transaction() as s:
                 await campaigns._record(s, outcome)
-                rows = await campaigns._take(s, where, settings.campaign_handover_size, "sending")
+                rows = await campaigns._take(s, "batch", params, settings.campaign_handover_size, "sending")
             if not rows:
                 break
             wrong = [row for row in rows if row.email != addresses[row.subscriber_id]]

@@ -24,7 +24,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import aiosmtplib
-from sqlalchemy import and_, case, func, insert, literal_column, select, tuple_, update
+from sqlalchemy import and_, bindparam, func, insert, literal_column, or_, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -45,7 +45,26 @@ c_ = store.campaigns
 d_ = store.campaign_deliveries
 a_ = store.audience
 UNFINISHED = ("pending", "claimed", "sending", "retry")
+IN_FLIGHT = ("claimed", "sending", "ambiguous")
 COUNT_NAMES = {"retry": "retrying"}
+
+# The rows a drain takes: a batch's pending rows (its job), or the retries that are due (the sweep).
+# Written with bound parameters, so that the statements taking and recording them are built once: a
+# hand-over per group of mails then costs executing them, not constructing them (see `_take`).
+SELECTIONS = {
+    "batch": and_(d_.c.campaign_id == bindparam("w_campaign"), d_.c.batch == bindparam("w_batch"),
+                  d_.c.status == "pending"),
+    "retry": and_(d_.c.status == "retry", d_.c.next_attempt_at <= bindparam("w_due")),
+}
+
+# A group's mails that the server accepted (executed once per mail, in one executemany).
+RECORD_SENT = (
+    update(d_)
+    .where(d_.c.campaign_id == bindparam("r_campaign"), d_.c.subscriber_id == bindparam("r_subscriber"),
+           d_.c.claimed_by == bindparam("r_claim"),
+           or_(*(d_.c.status == status for status in IN_FLIGHT)))  # not IN: no expanding list in executemany
+    .values(status="sent", sent_at=bindparam("r_now"), attempts=d_.c.attempts + 1, last_error=None,
+            message_id=bindparam("r_message_id")))
 
 
 @dataclass
@@ -76,6 +95,7 @@ class Campaigns:
         self.in_flight = 0
         self._ics_cache: dict[tuple[str, str], bytes] = {}
         self._skeletons: dict[tuple, Skeleton | None] = {}
+        self._take_statements: dict[tuple[str, str], Any] = {}  # (selection, status) → built once
         # Campaigns this instance knows to be paused or cancelled (its own actions at once, the others'
         # from the sweep within a second): a connection stops between two mails, not after its group.
         self._halted: dict[str, str] = {}
@@ -167,8 +187,7 @@ class Campaigns:
         to come back from Kafka: a broker round trip less before the first mail (for an announcement to
         a small segment, before every mail). The job still goes out and finds nothing, or what is left;
         other instances take the other batches from their jobs as before."""
-        task = asyncio.get_running_loop().create_task(self._drain(and_(
-            d_.c.campaign_id == campaign_id, d_.c.batch == 0, d_.c.status == "pending")))
+        task = asyncio.get_running_loop().create_task(self._drain("batch", {"w_campaign": campaign_id, "w_batch": 0}))
         self._first_batches.add(task)
         task.add_done_callback(self._first_batch_done)
 
@@ -274,17 +293,17 @@ class Campaigns:
 
     async def handle_job(self, job: messages.CampaignBatch, correlation_id: str | None) -> None:
         """Send one batch; returns when it is done, or at once while the campaign is not sending."""
-        await self._drain(and_(d_.c.campaign_id == job.campaign_id, d_.c.batch == job.batch,
-                               d_.c.status == "pending"))
+        await self._drain("batch", {"w_campaign": job.campaign_id, "w_batch": job.batch})
 
-    async def _drain(self, where) -> None:
-        """Every connection of the pool takes groups of the rows `where` selects until none are left."""
+    async def _drain(self, selection: str, params: dict[str, Any]) -> None:
+        """Every connection of the pool takes groups of the rows of `selection` (a key of SELECTIONS, with
+        its parameters) until none are left."""
         campaigns: dict[str, Any] = {}
         async with asyncio.TaskGroup() as workers:  # one fails: the others stop too (the job is retried)
             for _ in range(self.pool.size):
-                workers.create_task(self._connection_worker(where, campaigns))
+                workers.create_task(self._connection_worker(selection, params, campaigns))
 
-    async def _connection_worker(self, where, campaigns: dict[str, Any]) -> None:
+    async def _connection_worker(self, selection: str, params: dict[str, Any], campaigns: dict[str, Any]) -> None:
         """One SMTP connection's loop: in one transaction, record the last group's answers and take the
         next group (`sending`, committed: with the connection in hand); then send that group."""
         size = self.settings.campaign_handover_size
@@ -295,7 +314,7 @@ class Campaigns:
                     async with self.db.transaction() as s:
                         await self._record(s, outcome)
                         outcome = Outcome()
-                        rows = await self._take(s, where, size, "sending") if session.is_open else []
+                        rows = await self._take(s, selection, params, size, "sending") if session.is_open else []
                     if not rows:
                         return
                     await self._load_campaigns(rows, campaigns)
@@ -306,7 +325,7 @@ class Campaigns:
             async with self.db.transaction() as s:
                 await self._record(s, outcome)
                 outcome = Outcome()
-                rows = await self._take(s, where, size, "claimed")
+                rows = await self._take(s, selection, params, size, "claimed")
                 for row in rows:
                     await self._failed(s, row, None, f"{type(exc).__name__}: {exc}")
         finally:
@@ -314,14 +333,22 @@ class Campaigns:
                 async with self.db.transaction() as s:
                     await self._record(s, outcome)
 
-    async def _take(self, s: AsyncSession, where, limit: int, status: str) -> list:
-        """Claim up to `limit` rows of sending campaigns (as `status`) and return them with the recipients.
+    async def _take(self, s: AsyncSession, selection: str, params: dict[str, Any], limit: int, status: str) -> list:
+        """Claim up to `limit` rows of `selection` in sending campaigns (as `status`) and return them with
+        their recipients' data, in one statement (built once per selection and status)."""
+        statement = self._take_statements.get((selection, status))
+        if statement is None:
+            statement = self._take_statements[selection, status] = self._take_statement(SELECTIONS[selection], status)
+        taken = await s.execute(statement, {**params, "t_limit": limit, "t_now": utcnow(),
+                                            "t_claim": f"{self.instance}:{uuid.uuid4().hex[:12]}"})
+        return taken.all()
 
-        One statement: the UPDATE picks its rows by a subquery and returns them together with the
-        recipient's current data (SQLite ≥ 3.35 and PostgreSQL both take subqueries in RETURNING)."""
-        claim = f"{self.instance}:{uuid.uuid4().hex[:12]}"
+    def _take_statement(self, where, status: str):
+        """The UPDATE that picks its rows by a subquery and returns them together with the recipient's
+        current data (SQLite ≥ 3.35 and PostgreSQL both take subqueries in RETURNING)."""
         sending = select(c_.c.id).where(c_.c.status == "sending").scalar_subquery()
-        pick = select(d_.c.campaign_id, d_.c.subscriber_id).where(where, d_.c.campaign_id.in_(sending)).limit(limit)
+        pick = (select(d_.c.campaign_id, d_.c.subscriber_id).where(where, d_.c.campaign_id.in_(sending))
+                .limit(bindparam("t_limit")))
         if self.db.engine.dialect.name == "postgresql":  # instances claim different rows, no waiting
             pick = pick.with_for_update(skip_locked=True)
         # A CTE is evaluated once; as a subquery in IN, PostgreSQL may run a locking LIMIT query per row.
@@ -335,17 +362,16 @@ class Campaigns:
             return select(column).where(a_.c.subscriber_id == ledger_subscriber).scalar_subquery().label(label)
 
         # `where` again on the UPDATE: a row another instance claimed meanwhile is not taken twice.
-        taken = await s.execute(
+        return (
             update(d_).where(tuple_(d_.c.campaign_id, d_.c.subscriber_id).in_(select(picked.c.campaign_id,
-                                                                                      picked.c.subscriber_id)),
+                                                                                     picked.c.subscriber_id)),
                              where)
-            .values(status=status, claimed_by=claim, claimed_at=utcnow())
+            .values(status=status, claimed_by=bindparam("t_claim"), claimed_at=bindparam("t_now"))
             .returning(d_.c.campaign_id, d_.c.subscriber_id, d_.c.claimed_by, d_.c.attempts,
                        recipient(a_.c.email, "email"), recipient(a_.c.name, "name"),
                        recipient(a_.c.language, "language"), recipient(a_.c.manage_token, "manage_token"),
                        recipient(a_.c.regions, "regions"), recipient(a_.c.topics, "topics"),
                        recipient(a_.c.status, "audience")))
-        return taken.all()
 
     async def _load_campaigns(self, rows: list, campaigns: dict[str, Any]) -> None:
         missing = {r.campaign_id for r in rows} - campaigns.keys()
@@ -356,7 +382,7 @@ class Campaigns:
 
     def _mine(self, row):
         return and_(d_.c.campaign_id == row.campaign_id, d_.c.subscriber_id == row.subscriber_id,
-                    d_.c.claimed_by == row.claimed_by, d_.c.status.in_(("claimed", "sending", "ambiguous")))
+                    d_.c.claimed_by == row.claimed_by, d_.c.status.in_(IN_FLIGHT))
 
     def _message(self, campaign, row, attachments) -> tuple[bytes | Any, str]:
         """The recipient's mail: composed from the language's skeleton, or rendered in full."""
@@ -445,16 +471,11 @@ class Campaigns:
 
     async def _record(self, s: AsyncSession, outcome: Outcome) -> None:
         """The answers of one group (inside the caller's transaction)."""
-        sent: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)  # (campaign, claim) → subscriber → Message-ID
-        for row, message_id in outcome.sent:
-            sent[row.campaign_id, row.claimed_by][row.subscriber_id] = message_id
-        for (campaign_id, claim), message_ids in sent.items():  # one statement for the group, not one per mail
-            await s.execute(
-                update(d_).where(d_.c.campaign_id == campaign_id, d_.c.claimed_by == claim,
-                                 d_.c.subscriber_id.in_(list(message_ids)),
-                                 d_.c.status.in_(("claimed", "sending", "ambiguous")))
-                .values(status="sent", sent_at=utcnow(), attempts=d_.c.attempts + 1, last_error=None,
-                        message_id=case(message_ids, value=d_.c.subscriber_id)))
+        if outcome.sent:  # one executemany of a statement built once
+            now = utcnow()
+            await s.execute(RECORD_SENT, [
+                {"r_campaign": row.campaign_id, "r_subscriber": row.subscriber_id, "r_claim": row.claimed_by,
+                 "r_now": now, "r_message_id": message_id} for row, message_id in outcome.sent])
         for row, status, error in outcome.settled:
             await s.execute(update(d_).where(self._mine(row)).values(status=status, last_error=error))
         for row, code, error in outcome.failed:
@@ -527,7 +548,7 @@ class Campaigns:
         if stuck.rowcount:
             log.warning("%d campaign mail(s) were in flight when a mailer stopped: counted as ambiguous",
                         stuck.rowcount)
-        await self._drain(and_(d_.c.status == "retry", d_.c.next_attempt_at <= now))
+        await self._drain("retry", {"w_due": now})
         async with self.db.transaction() as s:
             open_ids = (await s.scalars(select(c_.c.id).where(c_.c.status == "sending"))).all()
             for campaign_id in open_ids:
