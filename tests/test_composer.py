@@ -179,3 +179,12 @@ def test_form_letters_keep_recipients_apart_and_escape_their_values(renderer: Ma
     with pytest.raises(HeaderInjection):
         letters.compose("welcome", Recipient("e@example.org", "Eve\r\nBcc: v@example.org", "de"), subject_key,
                         shared, {"topics_text": "A", "regions_text": "B"}, "t")
+
+
+def test_every_composed_mail_has_its_own_message_id_at_the_senders_domain(renderer: MailRenderer) -> None:
+    skeleton = Skeleton(renderer, "de", SUBJECTS["plain"], BODIES["no placeholders"])
+    ids = [skeleton.compose(f"r{i}@example.org", None, TOKEN)[1] for i in range(1000)]
+    assert len(set(ids)) == len(ids)
+    assert all(re.fullmatch(r"<[0-9a-f]{32}\.\d+@example\.org>", i) for i in ids), ids[:3]
+    # One random part per process, then counted: the OS is not asked for randomness per mail.
+    assert len({i.split(".")[0] for i in ids}) == 1

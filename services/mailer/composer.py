@@ -59,8 +59,10 @@ class _Clock:
 
 
 _clock = _Clock()
-# Message-IDs: random per process, then counted (unique without asking the OS for randomness per mail).
-_message_ids = (f"{uuid.uuid4().hex}.{n}" for n in itertools.count(1))
+# Message-IDs: random per process, then counted (unique without asking the OS for randomness per mail;
+# the prefix is drawn here once — inside the generator expression it would be drawn for every mail).
+_process_prefix = uuid.uuid4().hex
+_message_ids = (f"{_process_prefix}.{n}" for n in itertools.count(1))
 
 
 class FormLetter:
