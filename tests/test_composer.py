@@ -188,3 +188,16 @@ def test_every_composed_mail_has_its_own_message_id_at_the_senders_domain(render
     assert all(re.fullmatch(r"<[0-9a-f]{32}\.\d+@example\.org>", i) for i in ids), ids[:3]
     # One random part per process, then counted: the OS is not asked for randomness per mail.
     assert len({i.split(".")[0] for i in ids}) == 1
+
+
+@pytest.mark.parametrize("name", [None, ""])
+def test_a_recipient_without_a_name_gets_the_staffs_default(renderer: MailRenderer, name: str | None) -> None:
+    body = "Hallo {{ name | default('zusammen') }}!\n\n{{ name|default('<b>ihr</b>')|upper }}"
+    for mail in (composed(renderer, "de", SUBJECTS["personal"], body, "ohne@example.org", name),
+                 full(renderer, "de", SUBJECTS["personal"], body, "ohne@example.org", name)):
+        assert mail["Subject"] == "Hallo, Neuigkeiten für ohne@example.org"
+        text = mail.get_body(("plain",)).get_content()
+        assert "Hallo zusammen!" in text and "<B>IHR</B>" in text, text
+        assert "&lt;B&gt;IHR&lt;/B&gt;" in mail.get_body(("html",)).get_content()
+    named = composed(renderer, "de", SUBJECTS["personal"], body, "amira@example.org", "Amira")
+    assert "Hallo Amira!" in named.get_body(("plain",)).get_content()

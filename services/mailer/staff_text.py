@@ -26,6 +26,16 @@ _text_env = SandboxedEnvironment(autoescape=False)
 _html_env = SandboxedEnvironment(autoescape=True)
 
 
+def _default(value: Any, default_value: Any = "", boolean: bool = True) -> Any:
+    """`{{ name | default('zusammen') }}`: the default also for an empty value. A subscriber without a name
+    has the name "" (defined), so Jinja's own `default` (only for undefined values) would write "Hallo !"."""
+    return default_value if (not value if boolean else value is None) else value
+
+
+for _env in (_text_env, _html_env):
+    _env.filters["default"] = _default
+
+
 class UnsafeTemplate(ValueError):
     pass
 
