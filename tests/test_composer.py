@@ -41,6 +41,8 @@ BODIES = {
     "literal staff text": "## " + literal("Workshop {{ nicht ersetzen }} & <i>mehr</i>") + "\n\nText {{ name }}",
     "whitespace control": "Hallo {{- name -}} !\n{# ein Kommentar #}Ende",
     "no placeholders": "Nur Text.\n\nZweiter Absatz mit Umlauten: äöüß, عربي, українська.",
+    "filters": "{{ name|title }} · {{ name|lower }} · {{ email|upper }} · {{ 'fest'|upper }} · {{ 42 }} · "
+               "{{ name|default('x')|title }} · {{ name|default('leer', false) }} · {{ organisation|lower }}",
 }
 NAMES = [None, "Amira", "<b>Mallory</b> & \"Co\" 'x'", "Jörg Müller-Lüdenscheidt", "مريم", "{{ name }}"]
 

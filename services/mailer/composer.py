@@ -18,13 +18,14 @@ import base64
 import itertools
 import secrets
 import uuid
+from collections.abc import Callable
 from email.header import Header
 from email.message import EmailMessage
 from email.utils import format_datetime, formataddr
 from typing import Any
 from urllib.parse import quote_plus
 
-from jinja2 import Template, nodes
+from jinja2 import nodes
 from markupsafe import Markup, escape
 
 from services.mailer.render import POLICY, MailRenderer, Recipient, safe_header
@@ -182,7 +183,7 @@ class Skeleton(FormLetter):
     def __init__(self, renderer: MailRenderer, language: str, subject_source: str, body_source: str,
                  attachments: list[tuple[str, str, bytes]] = ()) -> None:
         marker = f"bp{secrets.token_hex(5)}m"
-        self._expressions: list[tuple[str, Template | str]] = []  # (marker name, template or plain name)
+        self._expressions: list[tuple[str, Callable[[dict[str, Any]], str] | str]] = []  # (marker, how or name)
         seen: dict[str, str] = {}
 
         def mark(node: nodes.Expr) -> str:
@@ -208,7 +209,7 @@ class Skeleton(FormLetter):
         links = self.links(manage_token)
         values: dict[str, Any] = {"name": name or "", "email": email, "organisation": self.renderer.organisation,
                                   **links}
-        text_values = {key: values[how] if isinstance(how, str) else how.render(values)
+        text_values = {key: values[how] if isinstance(how, str) else how(values)
                        for key, how in self._expressions}
         text_values.update(links)
         return self.compose_values(email, name, links, text_values)

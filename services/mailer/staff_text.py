@@ -13,6 +13,7 @@ from functools import lru_cache
 from typing import Any
 
 from jinja2 import Template, TemplateSyntaxError, nodes
+from jinja2.filters import do_lower, do_title, do_upper
 from jinja2.sandbox import SandboxedEnvironment
 from markdown_it import MarkdownIt
 from markupsafe import Markup
@@ -111,9 +112,36 @@ def split(source: str, marker: Callable[[nodes.Expr], str], *, markdown: bool = 
     return "".join(out)
 
 
-def expression(node: nodes.Expr) -> Template:
-    """One placeholder as a template of its own (its value as text; the caller escapes it for HTML)."""
-    return _text_env.from_string(nodes.Template([nodes.Output([node], lineno=1)], lineno=1))
+_FILTER_FUNCTIONS: dict[str, Callable[..., Any]] = {"default": _default, "upper": do_upper, "lower": do_lower,
+                                                    "title": do_title}
+
+
+def expression(node: nodes.Expr) -> Callable[[dict[str, Any]], str]:
+    """One placeholder as a function of the recipient's values, giving its text (the caller escapes it
+    for HTML). What `check_template` admits — a placeholder or a constant, through the allowed filters
+    with constant arguments — is evaluated directly with the same filter functions Jinja uses (a template
+    render per recipient costs more than the rest of composing the mail); anything else through a
+    template of its own in the sandbox."""
+    direct = _direct(node)
+    if direct is not None:
+        return lambda values: str(direct(values))
+    return _text_env.from_string(nodes.Template([nodes.Output([node], lineno=1)], lineno=1)).render
+
+
+def _direct(node: nodes.Expr) -> Callable[[dict[str, Any]], Any] | None:
+    if isinstance(node, nodes.Name) and node.ctx == "load" and node.name in PLACEHOLDERS:
+        name = node.name
+        return lambda values: values[name]
+    if isinstance(node, nodes.Const):
+        constant = node.value
+        return lambda values: constant
+    if (isinstance(node, nodes.Filter) and node.name in _FILTER_FUNCTIONS and node.node is not None
+            and not node.kwargs and node.dyn_args is None and node.dyn_kwargs is None
+            and all(isinstance(arg, nodes.Const) for arg in node.args)):
+        inner, function, args = _direct(node.node), _FILTER_FUNCTIONS[node.name], [arg.value for arg in node.args]
+        if inner is not None:
+            return lambda values: function(inner(values), *args)
+    return None
 
 
 def render_text(source: str, values: dict[str, Any]) -> str:
