@@ -25,6 +25,7 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
@@ -110,14 +111,25 @@ def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
 
 
+SQLITE_SYNCHRONOUS = ("NORMAL", "FULL", "EXTRA")
+
+
 def create_engine(url: str) -> AsyncEngine:
     if is_sqlite(url):
-        path = url.split("///", 1)[-1]
+        # `?synchronous=full` on a SQLite URL: fsync at every commit. The default, NORMAL (with WAL), loses
+        # nothing when a process dies, but an OS crash or power cut may undo the last commits.
+        parsed = make_url(url)
+        synchronous = parsed.query.get("synchronous", "normal").upper()
+        if synchronous not in SQLITE_SYNCHRONOUS:
+            raise ValueError(f"synchronous={synchronous.lower()} in the SQLite URL: use one of "
+                             f"{', '.join(m.lower() for m in SQLITE_SYNCHRONOUS)}")
+        parsed = parsed.difference_update_query(["synchronous"])
+        path = parsed.database
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         # One connection per process: SQLite has one writer anyway, and this rules out
         # "database is locked" when a read transaction upgrades to a write.
-        engine = create_async_engine(url, pool_size=1, max_overflow=0, pool_timeout=60,
+        engine = create_async_engine(parsed, pool_size=1, max_overflow=0, pool_timeout=60,
                                      connect_args={"timeout": 30})
 
         @event.listens_for(engine.sync_engine, "connect")
@@ -127,7 +139,7 @@ def create_engine(url: str) -> AsyncEngine:
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute(f"PRAGMA synchronous={synchronous}")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
