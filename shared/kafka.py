@@ -98,10 +98,12 @@ async def first_handlings(session: AsyncSession, infra: InfraTables, consumer: s
     now = utcnow()
     upsert = postgresql_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
     table = infra.processed_events
-    inserted = await session.scalars(
-        upsert(table).values([dict(consumer=consumer, event_id=event_id, processed_at=now) for event_id in ids])
-        .on_conflict_do_nothing().returning(table.c.event_id))
-    return set(inserted.all())
+    # Executed with a list of parameters (SQLAlchemy's "insertmanyvalues" still writes one multi-row
+    # INSERT), not `.values([...])`: that form is a new statement to compile for every batch size.
+    inserted = await session.execute(
+        upsert(table).on_conflict_do_nothing().returning(table.c.event_id),
+        [dict(consumer=consumer, event_id=event_id, processed_at=now) for event_id in ids])
+    return set(inserted.scalars().all())
 
 
 class OffsetCommits:
