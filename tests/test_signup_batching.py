@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import sqlite3
+import sys
 from collections.abc import AsyncIterator
 
 import httpx
@@ -145,9 +147,17 @@ async def database_locked(stack: Stack) -> AsyncIterator[None]:
     url = stack.sub_settings.database_url
     if url.startswith("sqlite"):
         # The services write too (relay, consumers): wait for the lock as long as a loaded machine may
-        # need (CI once saw sqlite3's default 5 s run out), but not for ever if a transaction leaked.
-        conn = sqlite3.connect(url.split("///", 1)[1], isolation_level=None, timeout=60)
-        conn.execute("BEGIN IMMEDIATE")
+        # need. CI ran out of sqlite3's default 5 s, and once of 60 s (twice in 3 full runs on 2026-12-06,
+        # holder not found): the tasks are dumped if it happens again.
+        gc.collect()  # (see Database.dispose: a connection leaked by an instance stopped earlier)
+        conn = sqlite3.connect(url.split("///", 1)[1], isolation_level=None, timeout=120)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError:  # who holds the write lock? every task of this process, and where
+            for task in asyncio.all_tasks():
+                print(f"--- {task.get_name()}: {task.get_coro()}", file=sys.stderr)
+                task.print_stack(file=sys.stderr)
+            raise
         try:
             yield
         finally:
