@@ -13,7 +13,7 @@ from functools import lru_cache
 from typing import Any
 
 from jinja2 import Template, TemplateSyntaxError, nodes
-from jinja2.filters import do_lower, do_title, do_upper
+from jinja2.filters import do_default, do_lower, do_title, do_upper
 from jinja2.sandbox import SandboxedEnvironment
 from markdown_it import MarkdownIt
 from markupsafe import Markup
@@ -28,9 +28,9 @@ _html_env = SandboxedEnvironment(autoescape=True)
 
 
 def _default(value: Any, default_value: Any = "", boolean: bool = True) -> Any:
-    """`{{ name | default('zusammen') }}`: the default also for an empty value. A subscriber without a name
-    has the name "" (defined), so Jinja's own `default` (only for undefined values) would write "Hallo !"."""
-    return default_value if (not value if boolean else value is None) else value
+    """`{{ name | default('zusammen') }}`: Jinja's `default`, but for an empty value too. A subscriber
+    without a name has the name "" (defined), so Jinja's own default (undefined values only) wrote "Hallo !"."""
+    return do_default(value, default_value, boolean)
 
 
 for _env in (_text_env, _html_env):
