@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -189,11 +188,6 @@ class Database:
             await conn.execute(text("SELECT 1"))
 
     async def dispose(self) -> None:
-        if is_sqlite(self.url):
-            # A task cancelled while its rollback was on the way (a stop that timed out) can leave a
-            # connection that nobody holds inside an open transaction: on SQLite it keeps the file's write
-            # lock, for other processes too, until the garbage collector finalises it. Do that now.
-            gc.collect()
         await self.engine.dispose()
 
 

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import json
 import logging
 import sqlite3
-import sys
 from collections.abc import AsyncIterator
 
 import httpx
@@ -146,22 +144,19 @@ async def database_locked(stack: Stack) -> AsyncIterator[None]:
     """Another connection holds what a sign-up's transaction needs, so the writer waits inside its batch."""
     url = stack.sub_settings.database_url
     if url.startswith("sqlite"):
-        # The services write too (relay, consumers): wait for the lock as long as a loaded machine may
-        # need. CI ran out of sqlite3's default 5 s, and once of 60 s (twice in 3 full runs on 2026-12-06,
-        # holder not found): the tasks are dumped if it happens again.
-        gc.collect()  # (see Database.dispose: a connection leaked by an instance stopped earlier)
-        conn = sqlite3.connect(url.split("///", 1)[1], isolation_level=None, timeout=120)
+        # The services of this process write too (relay, consumers), each transaction holding the file's
+        # write lock from BEGIN IMMEDIATE to COMMIT across awaits. Waiting for the lock on the event loop
+        # would keep such a transaction from ever committing (until the timeout: "database is locked",
+        # CI 2026-12-06), so the wait happens in a thread and the loop goes on.
+        conn = sqlite3.connect(url.split("///", 1)[1], isolation_level=None, timeout=60,
+                               check_same_thread=False)
         try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError:  # who holds the write lock? every task of this process, and where
-            for task in asyncio.all_tasks():
-                print(f"--- {task.get_name()}: {task.get_coro()}", file=sys.stderr)
-                task.print_stack(file=sys.stderr)
-            raise
-        try:
-            yield
+            await asyncio.to_thread(conn.execute, "BEGIN IMMEDIATE")
+            try:
+                yield
+            finally:
+                conn.execute("ROLLBACK")
         finally:
-            conn.execute("ROLLBACK")
             conn.close()
         return
     import asyncpg
