@@ -301,6 +301,7 @@ async def system(folder: Path, database: str, postgres_url: str, settings: dict[
             "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{kafka_port}",
             "KAFKA_ENABLE_IDEMPOTENCE": "false",
             "KAFKA_FETCH_MAX_WAIT_MS": "100",  # the embedded broker holds a fetch for half of this
+            "KAFKA_SESSION_TIMEOUT_MS": "2000",  # and a consumer's join to its group
             "SUBSCRIPTIONS_DATABASE_URL": databases["subscriptions"],
             "EVENTS_DATABASE_URL": databases["events"],
             "MAILER_DATABASE_URL": databases["mailer"],

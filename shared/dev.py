@@ -164,6 +164,7 @@ async def _dev(var: Path) -> int:
         env["KAFKA_BOOTSTRAP_SERVERS"] = f"127.0.0.1:{kafka_port}"
         env.setdefault("KAFKA_ENABLE_IDEMPOTENCE", "false")  # the embedded broker lacks InitProducerId
         env.setdefault("KAFKA_FETCH_MAX_WAIT_MS", "100")  # it holds a fetch for half of this (docs/performance.md)
+        env.setdefault("KAFKA_SESSION_TIMEOUT_MS", "2000")  # and a consumer's join to its group, too
         parts.append(Part("broker", broker_command(kafka_port), env))
     external_smtp = "SMTP_HOST" in os.environ
     if not external_smtp:

@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from shared import logs, messages
 from shared.db import Database, utcnow
-from shared.kafka import consumer_lag, describe
+from shared.kafka import consumer_lag, describe, start_broker
 from shared.outbox import OutboxRelay
 from shared.settings import CommonSettings
 from shared.topics import TopicNames, ensure_topics, topics_without_records
@@ -70,7 +70,7 @@ class Runtime:
             try:
                 created = await ensure_topics(self.settings.kafka_bootstrap_servers, self.names)
                 await self._resend_lost(created)
-                await self.broker.start()
+                await start_broker(self.broker)
                 break
             except asyncio.CancelledError:
                 raise

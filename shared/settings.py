@@ -46,6 +46,14 @@ class CommonSettings(BaseSettings):
                     "to half of this wait), so there it adds up to half of it to every hop: lower it (e.g. `20`) "
                     "for latency, at the price of more idle polling (see `docs/performance.md`).",
     )
+    kafka_session_timeout_ms: int = Field(
+        10_000, ge=1_000, le=300_000, validation_alias=env("KAFKA_SESSION_TIMEOUT_MS"),
+        description="How long the broker waits for a consumer's heartbeat (sent every third of this) before it "
+                    "gives the consumer's partitions to another group member: a crashed process's partitions wait "
+                    "this long. The embedded broker also lets every consumer's join to its group wait half of "
+                    "it, at each start and restart, so `bridgepost dev` and the tests set `2000`. Keep the default "
+                    "with Apache Kafka (its brokers refuse less than 6000 unless configured otherwise).",
+    )
     kafka_consumers_per_topic: int = Field(
         1, ge=1, le=32, validation_alias=env("KAFKA_CONSUMERS_PER_TOPIC"),
         description="Consumers per topic in one process (FastStream `max_workers`): partitions are handled in "

@@ -232,7 +232,7 @@ async def open_stack(backend: str, kafka: Broker, smtp: SmtpSink, urls: dict[str
         prefix = f"t{uuid.uuid4().hex[:8]}."
         common = dict(environment="test", kafka_bootstrap_servers=kafka.bootstrap,
                       kafka_enable_idempotence=False, kafka_topic_prefix=prefix,
-                      kafka_fetch_max_wait_ms=100,
+                      kafka_fetch_max_wait_ms=100, kafka_session_timeout_ms=2000,
                       public_base_url="http://bridgepost.test", outbox_poll_seconds=0.5)
         sub_settings = SubscriptionsSettings(**common, database_url=urls["subscriptions"], trust_forwarded_for=True,
                                              signups_per_ip=5, cors_origins=["https://www.example-verein.de"])

@@ -506,7 +506,7 @@ async def lone_subscriptions(kafka: Broker, tmp_path: Path, cli_env: Callable[..
     settings = SubscriptionsSettings(
         environment="test", kafka_bootstrap_servers=kafka.bootstrap, kafka_enable_idempotence=False,
         kafka_topic_prefix=f"ops{uuid.uuid4().hex[:8]}.", database_url=f"sqlite+aiosqlite:///{tmp_path / 's.db'}",
-        outbox_poll_seconds=0.5)
+        outbox_poll_seconds=0.5, kafka_session_timeout_ms=2000)
     await migrate(settings.database_url, SUBSCRIPTIONS_MIGRATIONS)
     app = create_subscriptions(settings)
     async with app.router.lifespan_context(app):

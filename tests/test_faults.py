@@ -474,7 +474,8 @@ async def test_poison_on_every_consumed_topic_dead_lettered_partition_goes_on_re
         handler.fixed = True
     for key in [k for k in os.environ if k.startswith(LEAKY_PREFIXES)]:  # (as tests/test_cli_ops.py does)
         monkeypatch.delenv(key)
-    env = dict(BRIDGEPOST_ENV="test", KAFKA_ENABLE_IDEMPOTENCE="false", KAFKA_TOPIC_PREFIX=stack.topic_prefix,
+    env = dict(BRIDGEPOST_ENV="test", KAFKA_ENABLE_IDEMPOTENCE="false", KAFKA_SESSION_TIMEOUT_MS="2000",
+               KAFKA_TOPIC_PREFIX=stack.topic_prefix,
                KAFKA_BOOTSTRAP_SERVERS=stack.kafka.bootstrap)
     for key, value in env.items():
         monkeypatch.setenv(key, value)

@@ -386,7 +386,8 @@ async def test_not_ready_while_the_database_is_unreachable(kafka: Broker, tmp_pa
     url = f"sqlite+aiosqlite:///{folder}/events.db"
     await migrate(url, EVENTS_MIGRATIONS)
     settings = EventsSettings(environment="test", database_url=url, kafka_bootstrap_servers=kafka.bootstrap,
-                              kafka_enable_idempotence=False, kafka_topic_prefix=f"t{uuid.uuid4().hex[:8]}.")
+                              kafka_enable_idempotence=False, kafka_topic_prefix=f"t{uuid.uuid4().hex[:8]}.",
+                              kafka_session_timeout_ms=2000)
     async with events_service(settings) as (app, client):
         await asyncio.wait_for(app.state.runtime.connected.wait(), 60)
         assert (await client.get("/readyz")).status_code == 200
