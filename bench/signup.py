@@ -289,7 +289,7 @@ async def bench(args: argparse.Namespace, spy_bin: str | None) -> dict[str, Any]
             if args.rate > 0:
                 plans.append(loadgen.Plan("open", args.seconds, f"r{args.rate:g}", run, 0, rate=args.rate,
                                           max_in_flight=args.max_in_flight))
-            profiled = f"c{max(args.concurrency)}" if args.profile else None
+            profiled = (args.profile_level or f"c{max(args.concurrency)}") if args.profile else None
             for plan in plans:
                 plan = loadgen.Plan(**{**plan.__dict__, "first": first})
                 profilers = []
@@ -543,6 +543,8 @@ def main() -> int:
     p.add_argument("--profile", action="store_true",
                    help="sample the subscriptions service and the mailer with py-spy during the busiest closed level")
     p.add_argument("--profile-rate", type=int, default=100, help="py-spy samples per second (default 100)")
+    p.add_argument("--profile-level", default=None, metavar="LEVEL",
+                   help="profile this level instead: c<concurrency> (closed) or r<rate> (open), e.g. r200")
     p.add_argument("--no-install", action="store_true", help="do not install py-spy when missing")
     p.add_argument("--quick", action="store_true", help="a smoke run: 5 s per level, levels 10 and 50, 100/s")
     p.add_argument("--logs", type=Path, default=None, metavar="DIR",
