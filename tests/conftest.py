@@ -61,6 +61,13 @@ class Broker:
         self.process.send_signal(signal.SIGCONT)
 
 
+
+# The embedded broker lets a consumer's join to its group wait half of the session timeout, so the tests
+# use short sessions there; Apache Kafka refuses sessions under 6 s (group.min.session.timeout.ms), so an
+# external broker (KAFKA_BOOTSTRAP_SERVERS) gets the services' default.
+SESSION_TIMEOUT_MS = 10_000 if os.environ.get("KAFKA_BOOTSTRAP_SERVERS") else 2_000
+
+
 @pytest.fixture(scope="session")
 def kafka() -> AsyncIterator[Broker]:
     external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
@@ -232,7 +239,7 @@ async def open_stack(backend: str, kafka: Broker, smtp: SmtpSink, urls: dict[str
         prefix = f"t{uuid.uuid4().hex[:8]}."
         common = dict(environment="test", kafka_bootstrap_servers=kafka.bootstrap,
                       kafka_enable_idempotence=False, kafka_topic_prefix=prefix,
-                      kafka_fetch_max_wait_ms=100, kafka_session_timeout_ms=2000,
+                      kafka_fetch_max_wait_ms=100, kafka_session_timeout_ms=SESSION_TIMEOUT_MS,
                       public_base_url="http://bridgepost.test", outbox_poll_seconds=0.5)
         sub_settings = SubscriptionsSettings(**common, database_url=urls["subscriptions"], trust_forwarded_for=True,
                                              signups_per_ip=5, cors_origins=["https://www.example-verein.de"])

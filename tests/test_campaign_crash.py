@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 from services.mailer import store
 from shared import messages, topics
 from shared.db import utcnow
-from tests.conftest import EDITOR_KEY, PUBLISHER_KEY, Stack, free_port
+from tests.conftest import EDITOR_KEY, PUBLISHER_KEY, SESSION_TIMEOUT_MS, Stack, free_port
 from tests.kafka_tools import publish_raw, read_all, wait_caught_up
 
 POOL = 4
@@ -55,8 +55,8 @@ def mailer_process(stack: Stack, port: int, log: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MAILER_", "KAFKA_", "SMTP_"))}
     env.update({
         "BRIDGEPOST_ENV": "test", "KAFKA_BOOTSTRAP_SERVERS": stack.kafka.bootstrap,
-        "KAFKA_ENABLE_IDEMPOTENCE": "false", "KAFKA_FETCH_MAX_WAIT_MS": "100", "KAFKA_SESSION_TIMEOUT_MS": "2000",
-        "KAFKA_TOPIC_PREFIX": stack.topic_prefix,
+        "KAFKA_ENABLE_IDEMPOTENCE": "false", "KAFKA_FETCH_MAX_WAIT_MS": "100",
+        "KAFKA_SESSION_TIMEOUT_MS": str(SESSION_TIMEOUT_MS), "KAFKA_TOPIC_PREFIX": stack.topic_prefix,
         "PUBLIC_BASE_URL": s.public_base_url, "MAILER_DATABASE_URL": s.database_url, "SMTP_HOST": "127.0.0.1",
         "SMTP_PORT": str(stack.smtp.port), "SMTP_POOL_SIZE": str(POOL), "MAILER_SEND_RATE_PER_SECOND": "0",
         "MAILER_CAMPAIGN_BATCH_SIZE": str(s.campaign_batch_size), "MAILER_CAMPAIGN_HANDOVER_SIZE": str(HANDOVER),

@@ -25,7 +25,7 @@ from sqlalchemy import func, insert, select
 
 from services.mailer import store
 from shared.db import Database, utcnow
-from tests.conftest import Stack, free_port
+from tests.conftest import SESSION_TIMEOUT_MS, Stack, free_port
 
 pytestmark = pytest.mark.faults
 
@@ -45,8 +45,8 @@ def environment(stack: Stack, database_url: str, prefix: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MAILER_", "KAFKA_", "SMTP_"))}
     env.update({
         "BRIDGEPOST_ENV": "test", "KAFKA_BOOTSTRAP_SERVERS": stack.kafka.bootstrap,
-        "KAFKA_ENABLE_IDEMPOTENCE": "false", "KAFKA_FETCH_MAX_WAIT_MS": "100", "KAFKA_SESSION_TIMEOUT_MS": "2000",
-        "KAFKA_TOPIC_PREFIX": prefix,
+        "KAFKA_ENABLE_IDEMPOTENCE": "false", "KAFKA_FETCH_MAX_WAIT_MS": "100",
+        "KAFKA_SESSION_TIMEOUT_MS": str(SESSION_TIMEOUT_MS), "KAFKA_TOPIC_PREFIX": prefix,
         "PUBLIC_BASE_URL": stack.mail_settings.public_base_url, "MAILER_DATABASE_URL": database_url,
         "SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(stack.smtp.port), "SMTP_POOL_SIZE": str(POOL),
         "MAILER_SEND_RATE_PER_SECOND": str(RATE), "MAILER_CAMPAIGN_BATCH_SIZE": "250",

@@ -35,7 +35,7 @@ from shared import messages, topics
 from shared.cli import main
 from shared.db import Database, migrate
 from shared.dlq import REPLAYED_FROM_HEADER
-from tests.conftest import Broker, Stack, free_port, manage_token
+from tests.conftest import SESSION_TIMEOUT_MS, Broker, Stack, free_port, manage_token
 from tests.kafka_tools import publish_raw, read_all
 
 BRIDGEPOST = Path(sys.executable).with_name("bridgepost")
@@ -506,7 +506,7 @@ async def lone_subscriptions(kafka: Broker, tmp_path: Path, cli_env: Callable[..
     settings = SubscriptionsSettings(
         environment="test", kafka_bootstrap_servers=kafka.bootstrap, kafka_enable_idempotence=False,
         kafka_topic_prefix=f"ops{uuid.uuid4().hex[:8]}.", database_url=f"sqlite+aiosqlite:///{tmp_path / 's.db'}",
-        outbox_poll_seconds=0.5, kafka_session_timeout_ms=2000)
+        outbox_poll_seconds=0.5, kafka_session_timeout_ms=SESSION_TIMEOUT_MS)
     await migrate(settings.database_url, SUBSCRIPTIONS_MIGRATIONS)
     app = create_subscriptions(settings)
     async with app.router.lifespan_context(app):

@@ -42,7 +42,7 @@ from services.subscriptions.domain import ImportedSubscriber
 from services.subscriptions.usecases import RequestContext
 from shared import messages, topics
 from shared.db import utcnow
-from tests.conftest import EDITOR_KEY, PUBLISHER_KEY, Broker, Stack, free_port, open_stack
+from tests.conftest import EDITOR_KEY, PUBLISHER_KEY, SESSION_TIMEOUT_MS, Broker, Stack, free_port, open_stack
 from tests.kafka_tools import _partitions, publish_raw, read_all, wait_caught_up
 from tests.smtp_sink import SmtpSink
 from tests.test_cli_ops import LEAKY_PREFIXES, invoke
@@ -474,8 +474,8 @@ async def test_poison_on_every_consumed_topic_dead_lettered_partition_goes_on_re
         handler.fixed = True
     for key in [k for k in os.environ if k.startswith(LEAKY_PREFIXES)]:  # (as tests/test_cli_ops.py does)
         monkeypatch.delenv(key)
-    env = dict(BRIDGEPOST_ENV="test", KAFKA_ENABLE_IDEMPOTENCE="false", KAFKA_SESSION_TIMEOUT_MS="2000",
-               KAFKA_TOPIC_PREFIX=stack.topic_prefix,
+    env = dict(BRIDGEPOST_ENV="test", KAFKA_ENABLE_IDEMPOTENCE="false",
+               KAFKA_SESSION_TIMEOUT_MS=str(SESSION_TIMEOUT_MS), KAFKA_TOPIC_PREFIX=stack.topic_prefix,
                KAFKA_BOOTSTRAP_SERVERS=stack.kafka.bootstrap)
     for key, value in env.items():
         monkeypatch.setenv(key, value)

@@ -27,7 +27,7 @@ from services.mailer import store as mailer_store
 from shared import logs, topics
 from shared.db import migrate
 from shared.settings import CommonSettings
-from tests.conftest import EDITOR_KEY, PUBLISHER_KEY, Broker, Stack, free_port
+from tests.conftest import EDITOR_KEY, PUBLISHER_KEY, SESSION_TIMEOUT_MS, Broker, Stack, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -387,7 +387,7 @@ async def test_not_ready_while_the_database_is_unreachable(kafka: Broker, tmp_pa
     await migrate(url, EVENTS_MIGRATIONS)
     settings = EventsSettings(environment="test", database_url=url, kafka_bootstrap_servers=kafka.bootstrap,
                               kafka_enable_idempotence=False, kafka_topic_prefix=f"t{uuid.uuid4().hex[:8]}.",
-                              kafka_session_timeout_ms=2000)
+                              kafka_session_timeout_ms=SESSION_TIMEOUT_MS)
     async with events_service(settings) as (app, client):
         await asyncio.wait_for(app.state.runtime.connected.wait(), 60)
         assert (await client.get("/readyz")).status_code == 200
