@@ -74,6 +74,8 @@ from harness import (  # noqa: E402 - the benchmarks' shared process helpers
 )
 from profiling import py_spy, summarise_profile, write_collapsed  # noqa: E402
 
+from shared.dev import EMBEDDED_BROKER_SETTINGS  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 RESULTS = ROOT / "bench" / "results"
@@ -507,9 +509,7 @@ async def bench(args: argparse.Namespace, sink_bin: str, source_bin: str, spy_bi
             "BRIDGEPOST_ENV": "dev",
             "PYTHONUNBUFFERED": "1",
             "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{kafka_port}",
-            "KAFKA_ENABLE_IDEMPOTENCE": "false",
-            "KAFKA_FETCH_MAX_WAIT_MS": "100",  # the embedded broker holds a fetch for half of this
-            "KAFKA_SESSION_TIMEOUT_MS": "2000",  # and a consumer's join to its group
+            **EMBEDDED_BROKER_SETTINGS,
             "MAILER_DATABASE_URL": mailer_url,
             # migrated along with the mailer's; the benchmark starts neither of these services
             "SUBSCRIPTIONS_DATABASE_URL": f"sqlite+aiosqlite:///{folder}/subscriptions.db",

@@ -27,6 +27,8 @@ from typing import Any
 
 import httpx
 
+from shared.dev import EMBEDDED_BROKER_SETTINGS
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 RESULTS = ROOT / "bench" / "results"
@@ -299,9 +301,7 @@ async def system(folder: Path, database: str, postgres_url: str, settings: dict[
             "BRIDGEPOST_ENV": "dev",
             "PYTHONUNBUFFERED": "1",
             "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{kafka_port}",
-            "KAFKA_ENABLE_IDEMPOTENCE": "false",
-            "KAFKA_FETCH_MAX_WAIT_MS": "100",  # the embedded broker holds a fetch for half of this
-            "KAFKA_SESSION_TIMEOUT_MS": "2000",  # and a consumer's join to its group
+            **EMBEDDED_BROKER_SETTINGS,
             "SUBSCRIPTIONS_DATABASE_URL": databases["subscriptions"],
             "EVENTS_DATABASE_URL": databases["events"],
             "MAILER_DATABASE_URL": databases["mailer"],

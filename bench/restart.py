@@ -46,21 +46,18 @@ WAYS = ("first start", "after SIGKILL", "after SIGTERM")
 async def consuming_after(sys_: System, child: Child | None, how: str) -> tuple[Child, float]:
     """Stop `child` the way `how` says (if there is one), start the mailer again on its port, and return the
     new process and the seconds from its start until /readyz answered 200."""
-    if child is not None:
+    if child is None:
+        started = time.monotonic()
+        (child,) = await sys_.serve("mailer")
+    else:
         if how == "after SIGKILL":
             child.proc.send_signal(signal.SIGKILL)
             await child.proc.wait()
         else:
             await child.stop()
         sys_.children.remove(child)
-        port = sys_.ports["mailer"][0]
-    else:
-        port = None
-    started = time.monotonic()
-    if port is None:
-        (child,) = await sys_.serve("mailer")
-    else:
-        child = Child("mailer", child.argv, child.env, sys_.folder, child.cwd)
+        started = time.monotonic()
+        child = Child("mailer", child.argv, child.env, sys_.folder, child.cwd)  # the same command and port
         sys_.children.append(child)
         await child.start()
     async with httpx.AsyncClient(timeout=10) as client:
@@ -87,6 +84,7 @@ async def bench(args: argparse.Namespace) -> str:
     load = load_average()
     results = {s: await measure(s, args.rounds) for s in sessions}
     reference = results.get(10_000)
+    here = machine()
     lines = [
         "# Consuming again after a (re)start",
         "",
@@ -94,7 +92,7 @@ async def bench(args: argparse.Namespace) -> str:
         "its /readyz answers 200 (its four consumers have joined their groups), median of "
         f"{args.rounds} rounds (min–max), per `KAFKA_SESSION_TIMEOUT_MS`. The embedded broker, SQLite.",
         "",
-        f"{machine()['cores']} cores ({machine()['machine']}); {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC; "
+        f"{here['cores']} cores ({here['machine']}); {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC; "
         f"load average before: {load}.",
         "",
         "| session timeout | " + " | ".join(WAYS) + " |",

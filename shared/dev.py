@@ -28,6 +28,12 @@ PORTS = {"subscriptions": 8001, "events": 8002, "mailer": 8003}
 KAFKA_PORT, SMTP_PORT, INBOX_PORT = 9092, 1025, 8025
 COLOURS = {"broker": 90, "inbox": 35, "subscriptions": 32, "events": 33, "mailer": 34}
 STOP_SECONDS = 15.0
+# What the services need on the embedded broker (bridgepost dev, and the benchmarks): it lacks the
+# idempotent producer's InitProducerId, holds a fetch for half of its wait and a consumer's join to its
+# group for half of the session timeout (docs/performance.md).
+EMBEDDED_BROKER_SETTINGS = {
+    "KAFKA_ENABLE_IDEMPOTENCE": "false", "KAFKA_FETCH_MAX_WAIT_MS": "100", "KAFKA_SESSION_TIMEOUT_MS": "2000",
+}
 
 
 def port_free(port: int) -> bool:
@@ -162,9 +168,8 @@ async def _dev(var: Path) -> int:
             kafka_port = free_port()
         wanted["broker"] = kafka_port
         env["KAFKA_BOOTSTRAP_SERVERS"] = f"127.0.0.1:{kafka_port}"
-        env.setdefault("KAFKA_ENABLE_IDEMPOTENCE", "false")  # the embedded broker lacks InitProducerId
-        env.setdefault("KAFKA_FETCH_MAX_WAIT_MS", "100")  # it holds a fetch for half of this (docs/performance.md)
-        env.setdefault("KAFKA_SESSION_TIMEOUT_MS", "2000")  # and a consumer's join to its group, too
+        for name, value in EMBEDDED_BROKER_SETTINGS.items():
+            env.setdefault(name, value)
         parts.append(Part("broker", broker_command(kafka_port), env))
     external_smtp = "SMTP_HOST" in os.environ
     if not external_smtp:
