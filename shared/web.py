@@ -207,9 +207,13 @@ def json_errors(*codes: int, page: bool = False) -> dict[int | str, dict[str, An
 
 def page_errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     """`responses=` for a page route that answers these statuses with a page (a message or the form
-    again with what to correct)."""
-    return {code: {"description": ERRORS[code] + " (a page saying so)",
-                   "content": {"text/html": {"schema": {"type": "string"}}}} for code in codes}
+    again with what to correct). A 422 may also be JSON: `RefuseNul` refuses a NUL in the query string
+    before any route is reached."""
+    def content(code: int) -> dict[str, Any]:
+        page = {"text/html": {"schema": {"type": "string"}}}
+        return {**page, "application/json": {"schema": ErrorBody.model_json_schema()}} if code == 422 else page
+
+    return {code: {"description": ERRORS[code] + " (a page saying so)", "content": content(code)} for code in codes}
 
 
 STAFF_ERRORS = json_errors(401, 403)

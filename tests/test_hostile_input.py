@@ -370,6 +370,11 @@ async def test_bodies_that_are_not_utf8_or_hold_nul_are_refused_cleanly(stack: S
     assert (await stack.subscriptions.get("/api/v1/subscribers?email=a%00b", headers=stack.staff())).status_code == 422
     assert (await stack.events.get("/events?region=harz%00")).status_code == 422
     assert (await stack.events.get("/api/v1/events/a%00b")).status_code == 404
+    # ... in a page link's query: refused as JSON before any page, which the page's 422 documents
+    # (found by the fuzzing above on 2026-12-07: it documented text/html only)
+    r = await stack.subscriptions.post("/preferences?token=a%00b", data={"action": "save"})
+    assert r.status_code == 422 and r.headers["content-type"] == "application/json", r.text
+    assert "application/json" in stack.sub_app.openapi()["paths"]["/preferences"]["post"]["responses"]["422"]["content"]
     nul_cases = [
         stack.signup(stack.address("nul"), name="Eve\x00"),
         stack.events.post(f"/api/v1/events/{event_id}/cancel", headers=stack.staff(),
