@@ -59,6 +59,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (  # noqa: E402 - the benchmarks' shared process helpers
+    DATABASES,
     DEFAULT_POSTGRES_URL,
     Child,
     add_settings_option,
@@ -68,6 +69,7 @@ from harness import (  # noqa: E402 - the benchmarks' shared process helpers
     log,
     postgres_databases,
     run_checked,
+    sqlite_url,
     wait_port,
     wait_ready,
     write_summary,
@@ -501,7 +503,7 @@ async def bench(args: argparse.Namespace, sink_bin: str, source_bin: str, spy_bi
         if args.database == "postgres":
             mailer_url = (await exits.enter_async_context(postgres_databases(args.postgres_url, ["mailer"])))["mailer"]
         else:
-            mailer_url = f"sqlite+aiosqlite:///{folder}/mailer.db"
+            mailer_url = sqlite_url(folder, "mailer", args.database)
 
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("SUBSCRIPTIONS_", "EVENTS_", "MAILER_", "KAFKA_", "SMTP_"))}
@@ -874,7 +876,7 @@ def write_markdown(path: Path, r: dict) -> None:
         for m in re.finditer(r"<!-- database: (\w+) -->.*?<!-- end: \1 -->", path.read_text("utf-8"), re.S):
             sections[m.group(1)] = m.group(0)
     sections[r["database"]] = render_markdown(r)
-    order = [d for d in ("sqlite", "postgres") if d in sections] + sorted(set(sections) - {"sqlite", "postgres"})
+    order = [d for d in DATABASES if d in sections] + sorted(set(sections) - set(DATABASES))
     path.write_text(HEADER + "\n" + "\n\n".join(sections[d] for d in order) + "\n", "utf-8")
 
 
@@ -905,7 +907,7 @@ def main() -> int:
                    help="SMTP connections per mailer (SMTP_POOL_SIZE); smtp-source gets as many in all (default 4)")
     p.add_argument("--instances", type=int, default=1,
                    help="mailer processes sharing the campaign through mailer.jobs.v1 (default 1)")
-    p.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite", help="the mailer's database")
+    p.add_argument("--database", choices=DATABASES, default="sqlite", help="the mailer's database")
     add_settings_option(p, "a setting for the mailer, e.g. MAILER_CAMPAIGN_BATCH_SIZE=1000 (repeatable)")
     p.add_argument("--postgres-url", default=DEFAULT_POSTGRES_URL,
                    help="existing database to connect to for CREATE/DROP DATABASE (default: %(default)s)")

@@ -34,6 +34,14 @@ VENV_BIN = Path(sys.executable).parent
 RESULTS = ROOT / "bench" / "results"
 DEFAULT_POSTGRES_URL = os.environ.get("BRIDGEPOST_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 SERVICE_PREFIXES = ("SUBSCRIPTIONS_", "EVENTS_", "MAILER_", "KAFKA_", "SMTP_", "DEV_ADMIN")
+# `--database`: SQLite (statements on the event loop, the default driver), SQLite through aiosqlite's
+# thread (`?driver=aiosqlite`, the reference for the driver) or PostgreSQL.
+DATABASES = ("sqlite", "sqlite-aiosqlite", "postgres")
+
+
+def sqlite_url(folder: Path, name: str, database: str = "sqlite") -> str:
+    """The URL of SQLite database `name` in `folder` for a `--database` other than postgres."""
+    return f"sqlite+aiosqlite:///{folder}/{name}.db" + ("?driver=aiosqlite" if database == "sqlite-aiosqlite" else "")
 
 
 def add_settings_option(p: argparse.ArgumentParser, help_: str) -> None:
@@ -294,7 +302,7 @@ async def system(folder: Path, database: str, postgres_url: str, settings: dict[
         if database == "postgres":
             databases = await exits.enter_async_context(postgres_databases(postgres_url, names))
         else:
-            databases = {n: f"sqlite+aiosqlite:///{folder}/{n}.db" for n in names}
+            databases = {n: sqlite_url(folder, n, database) for n in names}
         kafka_port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith(SERVICE_PREFIXES)}
         env.update({
@@ -404,7 +412,7 @@ def write_section(path: Path, header: str, key: str, section: str) -> None:
         for m in re.finditer(r"<!-- database: (\w+) -->.*?<!-- end: \1 -->", path.read_text("utf-8"), re.S):
             sections[m.group(1)] = m.group(0)
     sections[key] = f"<!-- database: {key} -->\n{section.strip()}\n<!-- end: {key} -->"
-    order = [d for d in ("sqlite", "postgres") if d in sections] + sorted(set(sections) - {"sqlite", "postgres"})
+    order = [d for d in DATABASES if d in sections] + sorted(set(sections) - set(DATABASES))
     path.write_text(header.strip() + "\n\n" + "\n\n".join(sections[d] for d in order) + "\n", "utf-8")
 
 

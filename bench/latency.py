@@ -46,6 +46,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (  # noqa: E402 - the folder of the benchmarks is on sys.path now
+    DATABASES,
     DEFAULT_POSTGRES_URL,
     RESULTS,
     ROOT,
@@ -590,7 +591,7 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=30.0, help="how long each part runs (default 30)")
     p.add_argument("--event-rate", type=float, default=1.0, help="events published per second (default 1)")
     p.add_argument("--subscribers", type=int, default=3, help="subscribers each announcement goes to (default 3)")
-    p.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite")
+    p.add_argument("--database", choices=DATABASES, default="sqlite")
     p.add_argument("--postgres-url", default=DEFAULT_POSTGRES_URL,
                    help="existing database to connect to for CREATE/DROP DATABASE (default: %(default)s)")
     add_settings_option(p, "a setting for every service, e.g. KAFKA_FETCH_MAX_WAIT_MS=20 (repeatable)")

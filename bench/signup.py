@@ -41,6 +41,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loadgen  # noqa: E402 - the folder of the benchmarks is on sys.path now
 from harness import (  # noqa: E402
+    DATABASES,
     DEFAULT_POSTGRES_URL,
     RESULTS,
     ROOT,
@@ -529,7 +530,7 @@ def main() -> int:
                    help="closed-loop levels: requests in flight (default 10,50,200)")
     p.add_argument("--rate", type=float, default=TARGET_RATE,
                    help="open-loop level: requests per second (default 200; 0 = none)")
-    p.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite")
+    p.add_argument("--database", choices=DATABASES, default="sqlite")
     p.add_argument("--postgres-url", default=DEFAULT_POSTGRES_URL,
                    help="existing database to connect to for CREATE/DROP DATABASE (default: %(default)s)")
     p.add_argument("--max-in-flight", type=int, default=1000,

@@ -29,6 +29,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
+from shared.sqlite_driver import InlineDBAPI
+
 # BigInteger ids that still autoincrement on SQLite (which only does so for INTEGER PRIMARY KEY).
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -112,6 +114,7 @@ def is_sqlite(url: str) -> bool:
 
 
 SQLITE_SYNCHRONOUS = ("NORMAL", "FULL", "EXTRA")
+SQLITE_DRIVERS = ("inline", "aiosqlite")
 
 
 def create_engine(url: str) -> AsyncEngine:
@@ -123,14 +126,20 @@ def create_engine(url: str) -> AsyncEngine:
         if synchronous not in SQLITE_SYNCHRONOUS:
             raise ValueError(f"synchronous={synchronous.lower()} in the SQLite URL: use one of "
                              f"{', '.join(m.lower() for m in SQLITE_SYNCHRONOUS)}")
-        parsed = parsed.difference_update_query(["synchronous"])
+        # `?driver=aiosqlite`: statements in aiosqlite's thread, one hand-over per cursor call, instead of
+        # on the event loop (the default, `inline`; shared/sqlite_driver.py says why and what may wait).
+        driver = parsed.query.get("driver", "inline")
+        if driver not in SQLITE_DRIVERS:
+            raise ValueError(f"driver={driver} in the SQLite URL: use one of {', '.join(SQLITE_DRIVERS)}")
+        parsed = parsed.difference_update_query(["synchronous", "driver"])
         path = parsed.database
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         # One connection per process: SQLite has one writer anyway, and this rules out
         # "database is locked" when a read transaction upgrades to a write.
         engine = create_async_engine(parsed, pool_size=1, max_overflow=0, pool_timeout=60,
-                                     connect_args={"timeout": 30})
+                                     connect_args={"timeout": 30},
+                                     **({"module": InlineDBAPI()} if driver == "inline" else {}))
 
         @event.listens_for(engine.sync_engine, "connect")
         def _pragmas(dbapi_conn, _record) -> None:
@@ -140,7 +149,8 @@ def create_engine(url: str) -> AsyncEngine:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute(f"PRAGMA synchronous={synchronous}")
-            cur.execute("PRAGMA busy_timeout=30000")
+            if driver == "aiosqlite":  # (the inline driver waits for locks in a thread of its own)
+                cur.execute("PRAGMA busy_timeout=30000")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
 
