@@ -2,8 +2,10 @@
 
 `add_to_outbox` runs inside the caller's transaction. `OutboxRelay` publishes unpublished rows in
 order with acks=all and marks them published; a commit wakes it at once (`notify`), a slow poll picks
-up rows written by other instances. If the broker is down the rows wait and are published later; a
-publish that timed out may still have been appended, so consumers deduplicate by `event_id`.
+up rows written by other instances. Under load it runs a round at most every `linger` seconds (10 ms),
+so the commits of that time go out together; a commit after a quiet spell is published at once. If the
+broker is down the rows wait and are published later; a publish that timed out may still have been
+appended, so consumers deduplicate by `event_id`.
 """
 
 from __future__ import annotations
@@ -49,13 +51,21 @@ async def add_all_to_outbox(session: AsyncSession, infra: InfraTables, rows: lis
         await session.execute(insert(infra.outbox), rows)
 
 
+# The shortest time between two relay rounds under load (measured 2026-12-07: sign-ups at 200/s answered
+# with a p99 of 95–119 ms instead of 123–151 ms; docs/performance.md).
+RELAY_LINGER_SECONDS = 0.01
+
+
 class OutboxRelay:
     def __init__(
         self, db: Database, infra: InfraTables, broker: KafkaBroker, names: TopicNames,
         poll_seconds: float = 1.0, batch_size: int = 500, retention: timedelta = timedelta(days=7),
+        linger: float = RELAY_LINGER_SECONDS,
     ) -> None:
         self.db, self.infra, self.broker, self.names = db, infra, broker, names
         self.poll_seconds, self.batch_size, self.retention = poll_seconds, batch_size, retention
+        self.linger = linger
+        self.rounds = 0  # rounds that published something
         self.holder = f"relay-{uuid.uuid4()}"
         self.lease_seconds = max(10.0, poll_seconds * 5)
         self._lease_renewed: float | None = None  # time.monotonic() of the last renewal
@@ -96,6 +106,10 @@ class OutboxRelay:
                 failures = 0
                 if sent >= self.batch_size:
                     continue
+                if sent:
+                    # What is committed meanwhile waits for the next round: under load a round per
+                    # `linger`, not per commit (each round is a read, a produce request and a write).
+                    await asyncio.sleep(self.linger)
                 if utcnow() - cleaned_at > timedelta(hours=1):
                     await self._clean()
                     cleaned_at = utcnow()
@@ -150,6 +164,7 @@ class OutboxRelay:
             async with self.db.transaction() as s:
                 await s.execute(update(t).where(t.c.event_id.in_(done)).values(published_at=utcnow()))
             self.published += len(done)
+            self.rounds += 1
             self.published_by_topic.update(row.topic for row, r in zip(rows, results, strict=True)
                                            if not isinstance(r, BaseException))
         errors = [r for r in results if isinstance(r, BaseException)]
