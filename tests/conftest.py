@@ -41,6 +41,18 @@ EDITOR_KEY = "test-editor-" + uuid.uuid4().hex
 PUBLISHER_KEY = "test-publisher-" + uuid.uuid4().hex
 
 
+async def until(predicate, timeout: float = 30.0, what: str = "condition", every: float = 0.1):
+    """Await `predicate()` every `every` seconds until it is truthy (and return that), at most `timeout`."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(every)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -187,14 +199,7 @@ class Stack:
         return await self.subscriptions.post("/confirm", data={"token": token})
 
     async def until(self, predicate, timeout: float = 30.0, what: str = "condition"):
-        deadline = asyncio.get_running_loop().time() + timeout
-        while True:
-            value = await predicate()
-            if value:
-                return value
-            if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError(f"timed out waiting for {what}")
-            await asyncio.sleep(0.1)
+        return await until(predicate, timeout, what)
 
 
 def text_part(msg: email.message.EmailMessage) -> str:

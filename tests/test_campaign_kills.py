@@ -25,7 +25,7 @@ from sqlalchemy import func, insert, select
 
 from services.mailer import store
 from shared.db import Database, utcnow
-from tests.conftest import SESSION_TIMEOUT_MS, Stack, free_port
+from tests.conftest import SESSION_TIMEOUT_MS, Stack, free_port, until
 
 pytestmark = pytest.mark.faults
 
@@ -65,13 +65,6 @@ def start_mailer(env: dict[str, str], port: int, log: Path) -> subprocess.Popen:
                             stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
-async def until(predicate, timeout: float, what: str):
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not (value := await predicate()):
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
-    return value
 
 
 async def test_three_sigkills_during_a_5000_recipient_campaign(stack: Stack, tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from shared import topics
 from shared.db import migrate
 from shared.kafka import consumer_group
 from tests.conftest import confirm_url, free_port
+from tests.conftest import until as _until
 from tests.kafka_tools import read_all, wait_caught_up
 from tests.smtp_sink import SmtpSink
 
@@ -42,14 +43,7 @@ MAILER_ON_SUBSCRIBERS = consumer_group("mailer", topics.SUBSCRIBER)
 
 
 async def until(predicate, timeout: float, what: str):
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.2)
+    return await _until(predicate, timeout, what, every=0.2)
 
 
 # --- a new, empty broker under the same databases ----------------------------------------------------------

@@ -15,7 +15,7 @@ from shared.messages import Envelope
 from shared.outbox import OutboxRelay, add_to_outbox
 from shared.settings import CommonSettings
 from shared.topics import TopicNames
-from tests.conftest import Broker
+from tests.conftest import Broker, until
 from tests.kafka_tools import read_all
 
 
@@ -45,9 +45,10 @@ async def test_commits_during_the_linger_go_out_together_in_order(kafka: Broker,
                                   .where(infra.outbox.c.published_at.is_(None)))
 
     async def until_published(rounds: int) -> None:
-        async with asyncio.timeout(20):
-            while relay.rounds < rounds or await unpublished():
-                await asyncio.sleep(0.02)
+        async def done() -> bool:
+            return relay.rounds >= rounds and not await unpublished()
+
+        await until(done, 20, f"{rounds} relay rounds", every=0.02)
 
     relay.start()
     try:
