@@ -514,8 +514,8 @@ async def bench(args: argparse.Namespace, sink_bin: str, source_bin: str, spy_bi
             **EMBEDDED_BROKER_SETTINGS,
             "MAILER_DATABASE_URL": mailer_url,
             # migrated along with the mailer's; the benchmark starts neither of these services
-            "SUBSCRIPTIONS_DATABASE_URL": f"sqlite+aiosqlite:///{folder}/subscriptions.db",
-            "EVENTS_DATABASE_URL": f"sqlite+aiosqlite:///{folder}/events.db",
+            "SUBSCRIPTIONS_DATABASE_URL": sqlite_url(folder, "subscriptions"),
+            "EVENTS_DATABASE_URL": sqlite_url(folder, "events"),
             "SMTP_HOST": "127.0.0.1",
             "SMTP_PORT": str(smtp_port),
             "SMTP_POOL_SIZE": str(args.connections),

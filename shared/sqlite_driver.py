@@ -51,18 +51,22 @@ class InlineSQLite(sqlite3.Connection):
         # Through a coroutine that finishes without suspending, unless it has to wait for the lock:
         # SQLAlchemy's async layer insists that a statement awaits, and this await costs a greenlet
         # switch, not a pass through the event loop.
-        return await_(self._statement(sql, parameters, many))
+        return await_(self._call(self._run, sql, parameters, many))
 
-    async def _statement(self, sql: str, parameters: Any, many: bool) -> tuple[Any, list[Any], int, Any]:
+    def commit(self) -> None:
+        await_(self._call(super().commit))
+
+    async def _call(self, call: Any, *args: Any) -> Any:
+        """`call(*args)` here; refused with SQLITE_BUSY, again in a worker thread that waits for the lock."""
         changes = self.total_changes
         try:
-            return self._run(sql, parameters, many)
+            return call(*args)
         except sqlite3.OperationalError as error:
             # Refused, a statement changed nothing, and running it again is what SQLite's busy handler
             # does. An executemany refused after some of its rows were written would write those twice.
             if not _busy(error) or self.total_changes != changes:
                 raise
-        return await self._waiting(self._run, sql, parameters, many)
+        return await self._waiting(call, *args)
 
     def _run(self, sql: str, parameters: Any, many: bool) -> tuple[Any, list[Any], int, Any]:
         cursor = sqlite3.Connection.cursor(self)
@@ -77,17 +81,6 @@ class InlineSQLite(sqlite3.Connection):
             return description, cursor.fetchall() if description else [], cursor.rowcount, cursor.lastrowid
         finally:
             cursor.close()
-
-    def commit(self) -> None:
-        await_(self._commit())
-
-    async def _commit(self) -> None:
-        try:
-            return super().commit()
-        except sqlite3.OperationalError as error:
-            if not _busy(error):
-                raise
-        return await self._waiting(super().commit)
 
     async def _waiting(self, call: Any, *args: Any) -> Any:
         """`call` again in a worker thread until SQLite gives it the lock or `lock_timeout` has passed."""

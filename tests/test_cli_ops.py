@@ -35,7 +35,7 @@ from shared import messages, topics
 from shared.cli import main
 from shared.db import Database, migrate
 from shared.dlq import REPLAYED_FROM_HEADER
-from tests.conftest import SESSION_TIMEOUT_MS, Broker, Stack, free_port, manage_token
+from tests.conftest import SESSION_TIMEOUT_MS, Broker, Stack, free_port, manage_token, until
 from tests.kafka_tools import publish_raw, read_all
 
 BRIDGEPOST = Path(sys.executable).with_name("bridgepost")
@@ -546,7 +546,7 @@ async def test_dlq_list_and_replay_of_a_message_that_failed_before_a_fix(
     async def dead_lettered(n: int):
         records = await read_all(kafka.bootstrap, dlq_topic)
         return records if len(records) >= n else None
-    await _until(lambda: dead_lettered(2), "both messages on the DLQ")
+    await until(lambda: dead_lettered(2), 60, "both messages on the DLQ", every=0.2)
 
     listed = await run(capsys, "dlq", "list", topics.DELIVERY)
     assert listed.code == 0, listed
@@ -589,7 +589,7 @@ async def test_dlq_list_and_replay_of_a_message_that_failed_before_a_fix(
 
     async def suppressed():
         return await status() == ("suppressed", 1)
-    await _until(suppressed, "the replayed bounce to suppress the subscriber")
+    await until(suppressed, 60, "the replayed bounce to suppress the subscriber", every=0.2)
     replayed = [r for r in await read_all(kafka.bootstrap, f"{prefix}{topics.DELIVERY}")
                 if str(bounce.event_id).encode() in r.value]
     assert len(replayed) == 2  # the original and the replay, with its key and headers but not the DLQ's
@@ -601,7 +601,7 @@ async def test_dlq_list_and_replay_of_a_message_that_failed_before_a_fix(
     # The rest (the poison, which still cannot be read: back to the DLQ), then nothing more.
     rest = await run(capsys, "dlq", "replay", topics.DELIVERY)
     assert rest.out.splitlines()[-1] == f"{dlq_topic} → {prefix}{topics.DELIVERY}: replayed 1 message(s); 0 left"
-    await _until(lambda: dead_lettered(3), "the poison back on the DLQ")
+    await until(lambda: dead_lettered(3), 60, "the poison back on the DLQ", every=0.2)
     listed = await run(capsys, "dlq", "list", topics.DELIVERY)
     assert listed.out.splitlines()[0] == f"{dlq_topic}: 3 message(s), 1 waiting for a replay"
     assert [line.split("\t")[8] for line in listed.out.splitlines()[2:]] == ["replayed", "replayed", "waiting"]
@@ -617,12 +617,3 @@ async def test_dlq_list_and_replay_of_a_message_that_failed_before_a_fix(
     assert committed[TopicPartition(dlq_topic, 0)].offset == 2
 
 
-async def _until(predicate, what: str, timeout: float = 60.0):
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.2)
