@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import Annotated, Literal
-from uuid import UUID, uuid4
+from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from shared.ids import uuid7
 
 CORRELATION_HEADER = "x-correlation-id"
 
@@ -24,7 +26,7 @@ class Envelope(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    event_id: UUID = Field(default_factory=uuid4, description="Unique id; consumers deduplicate by it")
+    event_id: UUID = Field(default_factory=uuid7, description="Unique id; consumers deduplicate by it")
     type: str
     occurred_at: datetime = Field(default_factory=utcnow, description="When it happened (UTC)")
     schema_version: int = Field(default=1, description="Version of this event type's schema")

@@ -7,7 +7,6 @@ an event first locks that event's row (`SELECT … FOR UPDATE` on PostgreSQL; SQ
 from __future__ import annotations
 
 import logging
-import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -28,6 +27,7 @@ from services.events.domain import (
 from services.events.settings import EventsSettings
 from shared import messages, topics
 from shared.db import Database, utcnow
+from shared.ids import new_id
 from shared.outbox import add_to_outbox
 from shared.signing import LinkSigner
 
@@ -90,7 +90,7 @@ class Events:
 
     async def create(self, s: AsyncSession, data: EventCreate) -> str:
         now = utcnow()
-        event_id = str(uuid.uuid4())
+        event_id = new_id()
         await s.execute(insert(e_).values(id=event_id, status="draft", sequence=0, created_at=now, updated_at=now,
                                           **self._columns(data.model_dump(exclude_unset=False))))
         return event_id
@@ -196,7 +196,7 @@ class Events:
             status = place_for(event.capacity, confirmed)
             seq = (await s.execute(insert(store.registration_counter).values())).inserted_primary_key[0]
             if existing is None:
-                registration_id = str(uuid.uuid4())
+                registration_id = new_id()
                 await s.execute(insert(r_).values(
                     id=registration_id, seq=seq, event_id=event_id, email=email, name=name, language=language,
                     status=status, newsletter=newsletter, created_at=now, updated_at=now))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
@@ -19,6 +18,7 @@ from services.mailer.transactional import enqueue_mail
 from shared.addresses import normalise_email
 from shared.auth import Staff, audit, require_role
 from shared.db import utcnow
+from shared.ids import new_id
 from shared.segment import SegmentIn
 from shared.taxonomy import load_taxonomy
 from shared.web import STAFF_ERRORS, json_errors, unprocessable
@@ -189,7 +189,7 @@ async def _out(request: Request, row) -> CampaignOut:
 @router.post("/campaigns", status_code=201, response_model=CampaignOut, tags=["campaigns"])
 async def create_campaign(data: CampaignIn, request: Request, staff: Editor) -> CampaignOut:
     now = utcnow()
-    campaign_id = str(uuid.uuid4())
+    campaign_id = new_id()
     async with request.app.state.db.transaction() as s:
         await s.execute(insert(store.campaigns).values(
             id=campaign_id, kind="newsletter", subject=data.subject, body_markdown=data.body_markdown,
@@ -267,7 +267,7 @@ async def test_send(campaign_id: str, body: TestSend, request: Request, staff: E
         raise unprocessable(str(exc), "email_invalid", ("body", "email")) from exc
     rendered = _campaigns(request).render_for(campaign, email, body.name, body.language, "test.link")
     async with request.app.state.db.transaction() as s:
-        mail_id = await enqueue_mail(s, rendered, dedupe_key=f"test:{uuid.uuid4()}", kind="test", recipient=email,
+        mail_id = await enqueue_mail(s, rendered, dedupe_key=f"test:{new_id()}", kind="test", recipient=email,
                                      subscriber_id=None, correlation_id=request.state.correlation_id)
         await audit(s, store.infra, staff, "campaign.test", campaign_id)
     return {"mail_id": mail_id, "status": "queued"}

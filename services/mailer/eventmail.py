@@ -9,7 +9,6 @@ shows the newer version: whoever reads it has the current time and place.
 from __future__ import annotations
 
 import logging
-import uuid
 from typing import Any
 from urllib.parse import urlencode, urlparse
 
@@ -22,6 +21,7 @@ from services.mailer.transactional import enqueue_mail
 from shared import ics, messages
 from shared.dates import when
 from shared.db import Database, utcnow, wake_after_commit
+from shared.ids import new_id
 from shared.kafka import mark_processed
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ class EventMail:
             bodies[lang] = self.announcement_body(snapshot, lang)
         now = utcnow()
         await s.execute(insert(store.campaigns).values(
-            id=str(uuid.uuid4()), kind="announcement", subject=subjects, body_markdown=bodies,
+            id=new_id(), kind="announcement", subject=subjects, body_markdown=bodies,
             segment=event.segment.model_dump(), status="scheduled", scheduled_at=now, event_id=snapshot.event_id,
             created_by="event publication", created_at=now, updated_at=now))
         wake_after_commit(s, "campaigns")  # the sweep starts it right after this commit, not on its next round

@@ -9,7 +9,6 @@ seeing the ones before it, as if handled one by one.
 from __future__ import annotations
 
 import logging
-import uuid
 from typing import Any, NamedTuple
 
 from sqlalchemy import bindparam, delete, func, insert, select, update
@@ -20,6 +19,7 @@ from services.mailer.composer import TransactionalLetters
 from services.mailer.render import MailRenderer, Recipient, Rendered
 from shared import messages, topics
 from shared.db import Database, utcnow, wake_after_commit
+from shared.ids import new_id
 from shared.kafka import first_handlings, mark_processed
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def mail_row(mail: Rendered | Written, *, dedupe_key: str, kind: str, recipient:
     """The values of a mail's ledger row, `pending` and due now."""
     now = utcnow()
     source, message_id = (mail.message.as_string(), mail.message_id) if isinstance(mail, Rendered) else mail
-    return dict(id=str(uuid.uuid4()), dedupe_key=dedupe_key, subscriber_id=subscriber_id, kind=kind,
+    return dict(id=new_id(), dedupe_key=dedupe_key, subscriber_id=subscriber_id, kind=kind,
                 recipient=recipient, message=source, message_id=message_id, status="pending", attempts=0,
                 next_attempt_at=now, created_at=now, correlation_id=(correlation_id or "")[:64] or None)
 

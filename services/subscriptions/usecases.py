@@ -8,7 +8,6 @@ public form and API (`admission.SignupAdmission`), by the same rules (`_decide`)
 from __future__ import annotations
 
 import logging
-import uuid
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from services.subscriptions.domain import (
 from services.subscriptions.settings import SubscriptionsSettings
 from shared import messages, topics
 from shared.db import Database, utcnow
+from shared.ids import new_id
 from shared.kafka import AlreadyProcessed, first_handling, mark_processed
 from shared.logs import log_context
 from shared.outbox import add_all_to_outbox, add_to_outbox, outbox_row
@@ -289,7 +289,7 @@ class Subscriptions:
         if row is None:
             name = req.name
             row = batch.create(dict(
-                id=str(uuid.uuid4()), email=req.email, name=name, status="pending", hard_bounces=0,
+                id=new_id(), email=req.email, name=name, status="pending", hard_bounces=0,
                 audience=signup.audience or ("partner" if signup.groups else "public"), groups=signup.groups,
                 created_at=now, updated_at=now, confirmed_at=None, **prefs))
         elif row["status"] == "active":
@@ -469,7 +469,7 @@ class Subscriptions:
                 return ImportOutcome("skipped", "suppressed or erased")
             row = (await s.execute(select(s_).where(s_.c.email == sub.email).with_for_update())).first()
             if row is None and sub.has_proof:
-                subscriber_id = str(uuid.uuid4())
+                subscriber_id = new_id()
                 await s.execute(insert(s_).values(
                     id=subscriber_id, email=sub.email, name=sub.name, language=sub.language, topics=sub.topics,
                     regions=sub.regions, audience=sub.audience or ("partner" if sub.groups else "public"),
