@@ -250,15 +250,19 @@ class System:
         await child.start()
         return child
 
-    async def serve(self, service: str, instances: int = 1, env: dict[str, str] | None = None) -> list[Child]:
-        """`bridgepost serve SERVICE` as `instances` processes on free ports (all on the same databases)."""
+    async def serve(self, service: str, instances: int = 1, env: dict[str, str] | None = None,
+                    wrapper: list[str] | None = None) -> list[Child]:
+        """`bridgepost serve SERVICE` as `instances` processes on free ports (all on the same databases);
+        `wrapper` runs the Python interpreter under another program (e.g. valgrind)."""
         started = []
         for i in range(instances):
             port = free_port()
             self.ports.setdefault(service, []).append(port)
             name = service if instances == 1 else f"{service}-{i + 1}"
-            child = Child(name, [str(VENV_BIN / "bridgepost"), "serve", service, "--port", str(port)],
-                          {**self.env, **(env or {})}, self.folder, ROOT)
+            command = [str(VENV_BIN / "bridgepost"), "serve", service, "--port", str(port)]
+            if wrapper:
+                command = [*wrapper, sys.executable, *command]
+            child = Child(name, command, {**self.env, **(env or {})}, self.folder, ROOT)
             self.children.append(child)
             await child.start()
             started.append(child)

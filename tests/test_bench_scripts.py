@@ -20,6 +20,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
     ("report.py", ["--results", "--output"]),
     ("handover.py", ["--recipients", "--size", "--database"]),
     ("restart.py", ["--sessions", "--rounds", "--quick"]),
+    ("instructions.py", ["--seconds", "--concurrency", "callgrind"]),
 ])
 def test_benchmark_script_shows_its_help(script: str, mentions: list[str]) -> None:
     result = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True,
