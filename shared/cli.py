@@ -87,7 +87,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = spec.create_app(settings)
     app.state.runtime.after_connect.append(settle_heap)
     # loop/http "auto": uvloop and httptools (installed with bridgepost), the pure-Python ones without them.
-    uvicorn.run(app, host=args.host, port=port, log_level="warning",
+    # No access log of uvicorn's: shared.web.RequestLog writes ours (without the query string, which may hold
+    # tokens); uvicorn's would otherwise still format its line for every answer before dropping it.
+    uvicorn.run(app, host=args.host, port=port, log_level="warning", access_log=False,
                 proxy_headers=False, timeout_graceful_shutdown=10, loop="auto", http="auto")
     return 0
 

@@ -54,6 +54,23 @@ class UTCDateTime(TypeDecorator[datetime]):
             value = value.replace(tzinfo=UTC)
         return value
 
+    def bind_processor(self, dialect):
+        """On SQLite, the stored text in one step: `process_bind_param` and then SQLAlchemy's DATETIME
+        formatting cost two Python calls and a dict per value, a few percent of a sign-up's CPU (about
+        a dozen times per sign-up and per mail). Same text: `YYYY-MM-DD HH:MM:SS.ffffff`, naive UTC."""
+        if dialect.name != "sqlite":
+            return super().bind_processor(dialect)
+
+        def process(value: datetime | None) -> str | None:
+            if value is None:
+                return None
+            if value.tzinfo is not UTC:
+                if value.tzinfo is None:
+                    raise ValueError("naive datetime given; use timezone-aware UTC datetimes")
+                value = value.astimezone(UTC)
+            return value.replace(tzinfo=None).isoformat(" ", "microseconds")
+        return process
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)

@@ -192,6 +192,10 @@ _handler: logging.Handler | None = None
 def configure(level: str = "INFO", *, json_format: bool, stream: TextIO | None = None) -> logging.Handler:
     """Set up the process's logging: one handler of ours on the root logger (replacing an earlier one)."""
     global _handler
+    # Neither format shows where a line was logged from, nor thread or process: not looked up per line
+    # (the logging module's documented optimisations; the caller's frame was the dearest of them).
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     root = logging.getLogger()
     if _handler is not None:
         root.removeHandler(_handler)

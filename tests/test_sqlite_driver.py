@@ -119,3 +119,53 @@ async def test_the_aiosqlite_thread_driver_on_request_and_unknown_drivers_refuse
         await db.dispose()
     with pytest.raises(ValueError, match=r"driver=apsw in the SQLite URL: use one of inline, aiosqlite"):
         Database(f"sqlite+aiosqlite:///{tmp_path}/u.db?driver=apsw")
+
+
+async def test_utc_datetimes_are_stored_as_sqlalchemys_datetime_text_and_read_back_in_utc(tmp_path: Path) -> None:
+    """UTCDateTime binds in one step on SQLite (shared/db.py): the same text SQLAlchemy's DATETIME writes, so
+    rows written before and after compare and sort alike; any zone is stored as UTC; naive times refused."""
+    from datetime import UTC, datetime, timedelta, timezone
+    from zoneinfo import ZoneInfo
+
+    from sqlalchemy import Column, MetaData, String, Table, bindparam, insert, select, update
+    from sqlalchemy.dialects import sqlite
+    from sqlalchemy.exc import StatementError
+
+    from shared.db import UTCDateTime
+
+    metadata = MetaData()
+    times = Table("times", metadata, Column("id", String(8), primary_key=True), Column("at", UTCDateTime))
+    db = Database(f"sqlite+aiosqlite:///{tmp_path}/t.db")
+    sqlalchemys = sqlite.DATETIME().bind_processor(sqlite.dialect())
+    given = {
+        "now": datetime.now(UTC),
+        "round": datetime(2026, 1, 1, tzinfo=UTC),  # no microseconds: still six digits
+        "early": datetime(999, 5, 6, 7, 8, 9, 10, tzinfo=UTC),
+        "berlin": datetime(2026, 7, 1, 12, 0, tzinfo=ZoneInfo("Europe/Berlin")),
+        "offset": datetime(2026, 3, 1, 23, 30, 0, 5, tzinfo=timezone(timedelta(hours=-3))),
+        "none": None,
+    }
+    try:
+        async with db.transaction() as s:
+            await s.run_sync(lambda sync: metadata.create_all(sync.connection()))
+            await s.execute(insert(times), [{"id": k, "at": v} for k, v in given.items()])
+            await s.execute(update(times).where(times.c.id == bindparam("k")).values(at=bindparam("v")),
+                            [{"k": "none", "v": None}])
+        async with db.transaction() as s:
+            stored = dict((await s.execute(text("SELECT id, at FROM times"))).all())
+            read = dict((await s.execute(select(times.c.id, times.c.at))).all())
+            found = (await s.scalars(select(times.c.id).where(times.c.at.in_([given["berlin"]]),
+                                                              times.c.at <= given["now"]))).all()
+        for key, value in given.items():
+            if value is None:
+                assert stored[key] is None and read[key] is None
+                continue
+            assert stored[key] == sqlalchemys(value.astimezone(UTC).replace(tzinfo=None)), key
+            assert read[key] == value and read[key].tzinfo is UTC, key
+        assert stored["round"] == "2026-01-01 00:00:00.000000" and stored["berlin"] == "2026-07-01 10:00:00.000000"
+        assert found == ["berlin"]
+        with pytest.raises(StatementError, match="naive datetime"):
+            async with db.transaction() as s:
+                await s.execute(insert(times).values(id="naive", at=datetime(2026, 1, 1)))
+    finally:
+        await db.dispose()
