@@ -143,8 +143,10 @@ class JsonFormatter(logging.Formatter):
         if record.stack_info:
             entry["stack"] = redact(self.formatStack(record.stack_info))
         # Addresses in extras too. A match never spans a quote or a backslash and the mask has neither,
-        # so masking the finished line keeps it valid JSON.
-        return ADDRESS.sub(_mask_match, json.dumps(entry, default=str, ensure_ascii=False))
+        # so masking the finished line keeps it valid JSON. (Only where there may be one: the pattern tried
+        # at every position of every line was most of a line's cost.)
+        line = json.dumps(entry, default=str, ensure_ascii=False)
+        return ADDRESS.sub(_mask_match, line) if "@" in line or "%40" in line else line
 
 
 class TextFormatter(logging.Formatter):
