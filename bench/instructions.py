@@ -143,6 +143,13 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 callgrind_control("--dump", str(child.pid))
             sub_ir = await wait_count(counts, services["subscriptions"].pid, started)
             mail_ir = await wait_count(counts, services["mailer"].pid, started)
+            if args.keep:  # for callgrind_annotate / kcachegrind: which functions of which library
+                args.keep.mkdir(parents=True, exist_ok=True)
+                for name, child in services.items():
+                    for path in counts.glob(f"callgrind.out.{child.pid}*"):
+                        if path.stat().st_mtime >= started:
+                            shutil.copyfile(path, args.keep / f"callgrind.{name}.out")
+                log(f"callgrind's dumps in {args.keep}: callgrind_annotate {args.keep}/callgrind.mailer.out")
         return {
             "signups": accepted, "mails": mails, "concurrency": args.concurrency, "seconds": result["elapsed"],
             "drain": waited, "reference": ref, "subscriptions": sub_ir, "mailer": mail_ir,
@@ -182,6 +189,8 @@ def main() -> int:
     p.add_argument("--settle", type=float, default=5.0,
                    help="seconds after the last mail before counting stops (delivery reports; default 5)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a setting for every service")
+    p.add_argument("--keep", type=Path, metavar="DIR",
+                   help="copy callgrind's dumps of the counted level here (callgrind.<service>.out)")
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     args = p.parse_args()
     if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
