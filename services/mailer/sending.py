@@ -23,7 +23,7 @@ from email.utils import parseaddr
 from typing import Any
 
 import aiosmtplib
-from sqlalchemy import and_, bindparam, or_, select, update
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.mailer import store
@@ -250,12 +250,12 @@ class Sender:
         only the instance that handed a mail to SMTP records it (the real outcome wins even if a slow send
         was meanwhile counted as ambiguous)."""
         if outcome.sent:
-            now = utcnow()
+            # One statement for the group (a group shares its claim): each row guarded as in `mine`.
             await s.execute(
-                update(m_).where(m_.c.id == bindparam("mail"), m_.c.claimed_by == bindparam("claim"),
+                update(m_).where(m_.c.id.in_([r.id for r in outcome.sent]),
+                                 m_.c.claimed_by == outcome.sent[0].claimed_by,
                                  or_(*(m_.c.status == status for status in ("claimed", "sending", "ambiguous"))))
-                .values(status="sent", sent_at=now, attempts=bindparam("n"), last_error=None),
-                [{"mail": r.id, "claim": r.claimed_by, "n": r.attempts + 1} for r in outcome.sent])
+                .values(status="sent", sent_at=utcnow(), attempts=m_.c.attempts + 1, last_error=None))
             await add_all_to_outbox(s, store.infra, [
                 outbox_row(topics.DELIVERY, r.subscriber_id, messages.MailSent(
                     subscriber_id=r.subscriber_id, mail_id=r.id, kind=r.kind, message_id=r.message_id),

@@ -61,8 +61,9 @@ def create_app(settings: SubscriptionsSettings) -> FastAPI:
     app.state.dead_letters = dead_letters
     app.state.pages = Pages(template_environment(TEMPLATES), translations, {
         "organisation": settings.organisation_name, "organisation_address": settings.organisation_address})
-    app.include_router(pages.router)
+    # The API first: a sign-up's request is matched against the routes in this order.
     app.include_router(api.router)
+    app.include_router(pages.router)
     add_operational_routes(app, metrics, {"database": db.ping, "broker": runtime.broker_ready},
                            refresh=lambda: runtime.refresh_metrics(metrics, dead_letters))
 
