@@ -21,7 +21,7 @@ from datetime import timedelta
 from typing import Any
 
 from faststream.kafka import KafkaBroker
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.db import Database, InfraTables, acquire_lease, utcnow, wake_after_commit
@@ -73,6 +73,14 @@ class OutboxRelay:
         self._task: asyncio.Task | None = None
         self.published = 0
         self.published_by_topic: Counter[str] = Counter()  # for /metrics: bridgepost_messages_published_total
+        # Built once: under load a round runs every few milliseconds.
+        t = infra.outbox
+        self._unpublished = (select(t.c.id, t.c.event_id, t.c.topic, t.c.key, t.c.payload, t.c.headers)
+                             .where(t.c.published_at.is_(None)).order_by(t.c.id).limit(batch_size))
+        # By event id, not row id: a row deleted meanwhile (an erasure removes its subscriber's events)
+        # may have handed its id to a new row (SQLite reuses the highest), which is not published yet.
+        self._published = (update(t).where(t.c.event_id.in_(bindparam("events", expanding=True)))
+                           .values(published_at=bindparam("now")))
 
     def notify(self) -> None:
         self._wake.set()
@@ -140,12 +148,8 @@ class OutboxRelay:
 
     async def relay_once(self) -> int:
         """Publish one batch of unpublished rows in id order; returns how many were published."""
-        t = self.infra.outbox
         async with self.db.sessions() as s:
-            rows = (await s.execute(
-                select(t.c.id, t.c.event_id, t.c.topic, t.c.key, t.c.payload, t.c.headers)
-                .where(t.c.published_at.is_(None)).order_by(t.c.id).limit(self.batch_size)
-            )).all()
+            rows = (await s.execute(self._unpublished)).all()
         if not rows:
             return 0
         # Hand the whole batch to the producer before waiting, so it is sent in a few requests;
@@ -159,10 +163,8 @@ class OutboxRelay:
         results = await asyncio.gather(*futures, return_exceptions=True)
         done = [row.event_id for row, r in zip(rows, results, strict=True) if not isinstance(r, BaseException)]
         if done:
-            # By event id, not row id: a row deleted meanwhile (an erasure removes its subscriber's events)
-            # may have handed its id to a new row (SQLite reuses the highest), which is not published yet.
             async with self.db.transaction() as s:
-                await s.execute(update(t).where(t.c.event_id.in_(done)).values(published_at=utcnow()))
+                await s.execute(self._published, {"events": done, "now": utcnow()})
             self.published += len(done)
             self.rounds += 1
             self.published_by_topic.update(row.topic for row, r in zip(rows, results, strict=True)

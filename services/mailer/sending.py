@@ -23,7 +23,7 @@ from email.utils import parseaddr
 from typing import Any
 
 import aiosmtplib
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, bindparam, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.mailer import store
@@ -46,6 +46,18 @@ def mine(row):
     """The ledger row as this sender claimed it."""
     return and_(m_.c.id == row.id, m_.c.claimed_by == row.claimed_by,
                 m_.c.status.in_(("claimed", "sending", "ambiguous")))
+
+
+# The statements of every group, built once with bound parameters: building them anew per group (the
+# expressions, their coercions, their cache keys) cost as much Python as running them.
+_GROUP = and_(m_.c.id.in_(bindparam("ids", expanding=True)), m_.c.claimed_by == bindparam("claim"))
+HAND_OVER = (update(m_).where(_GROUP, m_.c.status == "claimed")
+             .values(status="sending", claimed_at=bindparam("now")))
+STILL_HANDED = select(m_.c.id).where(_GROUP, m_.c.status == "sending")
+RECORD_SENT = (update(m_).where(_GROUP, or_(*(m_.c.status == status for status in ("claimed", "sending", "ambiguous"))))
+               .values(status="sent", sent_at=bindparam("now"), attempts=m_.c.attempts + 1, last_error=None))
+PUT_BACK = (update(m_).where(_GROUP, m_.c.status.in_(("claimed", "sending")))
+            .values(status="pending", claimed_by=None, next_attempt_at=bindparam("now")))
 
 
 class RateLimiter:
@@ -208,15 +220,11 @@ class Sender:
         """Mark the group `sending` (from now on a crash leaves them ambiguous); the ones still claimed."""
         if not ready:
             return ready
-        claim = ready[0][0].claimed_by
-        ids = [row.id for row, _data in ready]
-        handed = await s.execute(update(m_).where(m_.c.id.in_(ids), m_.c.claimed_by == claim,
-                                                  m_.c.status == "claimed")
-                                 .values(status="sending", claimed_at=utcnow()))
+        group = {"ids": [row.id for row, _data in ready], "claim": ready[0][0].claimed_by}
+        handed = await s.execute(HAND_OVER, {**group, "now": utcnow()})
         if handed.rowcount == len(ready):
             return ready
-        still = set((await s.scalars(select(m_.c.id).where(m_.c.id.in_(ids), m_.c.claimed_by == claim,
-                                                            m_.c.status == "sending"))).all())
+        still = set((await s.scalars(STILL_HANDED, group)).all())
         return [(row, data) for row, data in ready if row.id in still]
 
     async def _send_group(self, session: Session, ready: list, reused: bool) -> Outcome:
@@ -251,11 +259,8 @@ class Sender:
         was meanwhile counted as ambiguous)."""
         if outcome.sent:
             # One statement for the group (a group shares its claim): each row guarded as in `mine`.
-            await s.execute(
-                update(m_).where(m_.c.id.in_([r.id for r in outcome.sent]),
-                                 m_.c.claimed_by == outcome.sent[0].claimed_by,
-                                 or_(*(m_.c.status == status for status in ("claimed", "sending", "ambiguous"))))
-                .values(status="sent", sent_at=utcnow(), attempts=m_.c.attempts + 1, last_error=None))
+            await s.execute(RECORD_SENT, {"ids": [r.id for r in outcome.sent], "claim": outcome.sent[0].claimed_by,
+                                          "now": utcnow()})
             await add_all_to_outbox(s, store.infra, [
                 outbox_row(topics.DELIVERY, r.subscriber_id, messages.MailSent(
                     subscriber_id=r.subscriber_id, mail_id=r.id, kind=r.kind, message_id=r.message_id),
@@ -269,10 +274,8 @@ class Sender:
         if outcome.ambiguous:
             log.warning("%d mail(s) handed to SMTP without an answer: counted as ambiguous", len(outcome.ambiguous))
         if outcome.unsent:  # never handed to SMTP: due again at once, no attempt counted
-            await s.execute(update(m_).where(m_.c.id.in_([r.id for r in outcome.unsent]),
-                                             m_.c.claimed_by == outcome.unsent[0].claimed_by,
-                                             m_.c.status.in_(("claimed", "sending")))
-                            .values(status="pending", claimed_by=None, next_attempt_at=utcnow()))
+            await s.execute(PUT_BACK, {"ids": [r.id for r in outcome.unsent], "claim": outcome.unsent[0].claimed_by,
+                                       "now": utcnow()})
 
     async def _failed(self, s: AsyncSession, row, code: int | None, error: str) -> None:
         attempts = row.attempts + 1
