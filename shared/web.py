@@ -34,6 +34,10 @@ SHARED_TEMPLATES = Path(__file__).with_name("templates")
 MAX_BODY_BYTES = 64 * 1024
 # Probes and scrapes: logged at DEBUG only, or they would drown everything else.
 PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+# `FastAPI(telemetry=...)` of every service: FastAPI's own OpenTelemetry off. bridgepost is observed
+# through /metrics (Prometheus) and its log lines with correlation ids (docs/operations.md); with the
+# default, FastAPI looked up the global OpenTelemetry providers (environment variables) for every request.
+NO_OPENTELEMETRY = {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}
 READY_CHECK_SECONDS = 5.0
 METRICS_REFRESH_SECONDS = 10.0
 

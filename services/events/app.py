@@ -18,7 +18,7 @@ from shared.kafka import create_broker
 from shared.outbox import OutboxRelay
 from shared.runtime import Runtime, add_correlation_ids
 from shared.topics import TopicNames
-from shared.web import Metrics, Pages, add_operational_routes, guard_input, template_environment
+from shared.web import NO_OPENTELEMETRY, Metrics, Pages, add_operational_routes, guard_input, template_environment
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 TEMPLATES = Path(__file__).with_name("templates")
@@ -57,7 +57,7 @@ def create_app(settings: EventsSettings) -> FastAPI:
         yield
         await runtime.stop()
 
-    app = FastAPI(title="bridgepost events", version="1", lifespan=lifespan,
+    app = FastAPI(title="bridgepost events", version="1", lifespan=lifespan, telemetry=NO_OPENTELEMETRY,
                   description="Events, registration with capacity and waiting list, reminders, iCalendar.")
     app.state.settings = settings
     app.state.db = db

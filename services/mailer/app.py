@@ -24,7 +24,7 @@ from shared.logs import log_context
 from shared.outbox import OutboxRelay
 from shared.runtime import Runtime, add_correlation_ids
 from shared.topics import TopicNames
-from shared.web import Metrics, add_operational_routes, guard_input
+from shared.web import NO_OPENTELEMETRY, Metrics, add_operational_routes, guard_input
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -64,7 +64,7 @@ def create_app(settings: MailerSettings) -> FastAPI:
         await sender.stop()
         await runtime.stop()
 
-    app = FastAPI(title="bridgepost mailer", version="1", lifespan=lifespan,
+    app = FastAPI(title="bridgepost mailer", version="1", lifespan=lifespan, telemetry=NO_OPENTELEMETRY,
                   description="Renders and sends all mail; delivery ledger and statistics.")
     app.state.settings = settings
     app.state.db = db

@@ -19,7 +19,7 @@ from shared.kafka import create_broker
 from shared.outbox import OutboxRelay
 from shared.runtime import Runtime, add_correlation_ids
 from shared.topics import TopicNames
-from shared.web import Metrics, Pages, add_operational_routes, guard_input, template_environment
+from shared.web import NO_OPENTELEMETRY, Metrics, Pages, add_operational_routes, guard_input, template_environment
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 TEMPLATES = Path(__file__).with_name("templates")
@@ -50,7 +50,7 @@ def create_app(settings: SubscriptionsSettings) -> FastAPI:
         yield
         await runtime.stop()
 
-    app = FastAPI(title="bridgepost subscriptions", version="1", lifespan=lifespan,
+    app = FastAPI(title="bridgepost subscriptions", version="1", lifespan=lifespan, telemetry=NO_OPENTELEMETRY,
                   description="Sign-up with double opt-in, consent log, preferences and the subscriber staff API.")
     app.state.settings = settings
     app.state.db = db
