@@ -361,7 +361,7 @@ def register_consumer(
     consume.__name__ = consume_batch.__name__ = f"consume_{topic.replace('.', '_')}_{group_id.replace('-', '_')}"
     options: dict[str, Any] = dict(
         # MANUAL: FastStream neither commits nor seeks; `consume` does both (see OffsetCommits).
-        group_id=group_id, ack_policy=AckPolicy.MANUAL, auto_offset_reset="earliest",
+        group_id=group_id, ack_policy=AckPolicy.MANUAL, auto_offset_reset="earliest", decoder=_not_decoded,
         fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms, title=f"{group_id}:{topic}",
         session_timeout_ms=settings.kafka_session_timeout_ms,
         heartbeat_interval_ms=settings.kafka_session_timeout_ms // 3,
@@ -374,6 +374,12 @@ def register_consumer(
     subscriber(consume_batch if batch_handler is not None else consume)
     dead_letters.subscriber = subscriber
     return dead_letters
+
+
+async def _not_decoded(message: Any) -> None:
+    """FastStream's decoding of each message (JSON) for a handler that reads the records' bytes itself:
+    `consume` validates them with the topic's schema, so that decoding would be done for nothing."""
+    return None
 
 
 def correlation_of(record: Any) -> str | None:
