@@ -216,6 +216,50 @@ def test_normalise_email_is_idempotent_and_lower_case(address: str) -> None:
     assert normalised == normalised.lower() == normalise_email(normalised)
 
 
+def _validator(address: str) -> str | None:
+    """What email_validator alone makes of an address (normalised, lower case), None if it refuses it."""
+    from email_validator import EmailNotValidError, validate_email
+    try:
+        return validate_email(address.strip(), check_deliverability=False).normalized.lower()
+    except EmailNotValidError:
+        return None
+
+
+# Pieces near the edges of the plain-address fast path (shared/addresses.py): every character class, the
+# IDNA and special-use rules, Unicode, lengths at and over the limits.
+_LOCAL_PIECES = st.sampled_from(["a", "Z", "0", "amira", "o'neil", "x+tag", "a.b", ".", "..", "-", "--", "_",
+                                 "!#$%&*/=?^`{|}~", '"', " ", "ö", "ß", "é", "\u0301", "ا", "(", ")", ",", ":", ";",
+                                 "<", ">", "[", "]", "\\", "@", "a" * 64, "b" * 30])
+_DOMAIN_PIECES = st.sampled_from(["example", "Example", "org", "ORG", "de", "x", "1", "123", "a-b", "-a", "a-",
+                                  "ab--cd", "xn--", "xn--mnchen-3ya", "xn--a", "test", "localhost", "local",
+                                  "invalid", "onion", "arpa", "home", "ä", "ü", "ｅｘ", "。", ".", "..", "_", " ",
+                                  "c" * 63, "d" * 64, "e" * 120])
+
+
+@fast
+@given(st.lists(_LOCAL_PIECES, min_size=1, max_size=4), st.lists(_DOMAIN_PIECES, min_size=1, max_size=5),
+       st.sampled_from(["", " ", "\t"]))
+@example(["amira"], ["example", ".", "org"], "")
+@example(["a" * 64], ["example", ".", "com"], "")
+@example(["a" * 65], ["example", ".", "com"], "")
+@example(["amira"], ["mail", ".", "test"], "")
+@example(["amira"], ["xn--mnchen-3ya", ".", "de"], "")
+@example(["amira"], ["example", ".", "c1"], "")
+@example(["amira"], ["example", ".", "-de"], "")
+def test_normalise_email_agrees_with_email_validator(local: list[str], domain: list[str], padding: str) -> None:
+    """The plain-address fast path of normalise_email accepts nothing email_validator refuses and
+    normalises as it does; everything else is email_validator's answer."""
+    labels = "".join(domain)
+    for address in (f"{padding}{''.join(local)}@{labels}{padding}", f"{''.join(local)}@{labels}.org",
+                    f"{''.join(local)}@{labels.replace('.', '')}.example.org"):
+        expected = _validator(address)
+        if expected is None:
+            with pytest.raises(ValueError):
+                normalise_email(address)
+        else:
+            assert normalise_email(address) == expected, address
+
+
 # --- sign-up validation --------------------------------------------------------------------------------------
 
 
