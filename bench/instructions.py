@@ -11,10 +11,11 @@ relay and the delivery reports in the one; the consumer, the sending loop, SMTP 
 
 Printed: instructions per accepted sign-up (subscriptions) and per confirmation mail (mailer), and the
 reference measured in the same run, `python -c pass` under callgrind (the interpreter's start): runs are
-comparable while the reference stays the same (same interpreter, same valgrind). The counts repeat to about
-1 % (subscriptions) and 3 % (mailer, whose groups of mails depend on timing) between runs. The instrumented
-services run some 50 times slower, so with the same number in flight their batches are not those of a full-
-speed run: compare counts of the same `--concurrency`, not with CPU seconds from bench/signup.py.
+comparable while the reference stays the same (same interpreter, same valgrind). Runs of the same code agree
+within about 2 % (subscriptions) and 5 % (mailer, whose groups of mails depend on timing): alternate the
+versions to compare (A B A B). The instrumented services run some 50 times
+slower, so with the same number in flight their batches are not those of a full-speed run: compare counts
+of the same `--concurrency`, not with CPU seconds from bench/signup.py.
 
     .venv/bin/python bench/instructions.py                    # 40 s at 100 in flight (about 1,200 sign-ups)
     .venv/bin/python bench/instructions.py --seconds 60 --concurrency 20
