@@ -40,7 +40,7 @@ def create_app(settings: MailerSettings) -> FastAPI:
     db.on_commit("mail", sender.notify)
     renderer = MailRenderer(translations, settings.public_base_url, settings.mail_from, settings.reply_to,
                             settings.organisation_name, settings.organisation_address)
-    transactional = TransactionalMail(db, renderer, sender)
+    transactional = TransactionalMail(db, renderer)
     event_mail = EventMail(db, renderer, sender.envelope_from)
     campaigns = Campaigns(db, renderer, settings, sender.pool, sender.limiter)
     dead_letters = register_handlers(broker, settings, names, transactional, event_mail, campaigns)

@@ -20,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from datetime import timedelta
 from email.utils import parseaddr
-from typing import Any, NamedTuple
+from typing import Any
 
 import aiosmtplib
 from sqlalchemy import and_, bindparam, or_, select, update
@@ -40,24 +40,6 @@ m_ = store.outgoing_mail
 # Groups per connection one claim takes under load: fewer claims, and fewer waits for the slowest
 # connection before the next claim (the connections of one claim finish together).
 CLAIMED_GROUPS = 4
-# While mails handed over directly keep coming (`Sender.offer`), the ledger is still asked this often for
-# what is due there (retries, welcome and event mails).
-LEDGER_EVERY_SECONDS = 0.5
-
-
-class Claimed(NamedTuple):
-    """A ledger row as the sending loop uses it: what `claim` reads, or what a consumer wrote already
-    claimed and handed over with `Sender.offer`."""
-
-    id: str
-    claimed_by: str
-    recipient: str
-    message: str
-    attempts: int
-    subscriber_id: str | None
-    kind: str
-    message_id: str | None
-    correlation_id: str | None
 
 
 def mine(row):
@@ -127,28 +109,9 @@ class Sender:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.counts = {"sent": 0, "retry": 0, "failed": 0, "bounced": 0}
-        # Mails a consumer wrote as claimed by this sender (`claimed_values`) and handed over after its commit.
-        self.direct_claim = f"{self.instance}-direct"
-        self._offered: deque[Claimed] = deque()
-        self._ledger_due = 0.0
 
     def notify(self) -> None:
         self._wake.set()
-
-    def claimed_values(self) -> dict[str, Any]:
-        """The ledger columns of a mail written as claimed by this sender, for `offer` after the commit:
-        the sending loop then need not claim it from the ledger again (an UPDATE and a read of each mail,
-        about 5 % of the mailer's work under load). If this process dies first, `mark_ambiguous` puts the
-        mail back to pending: claimed is never handed to SMTP."""
-        return {"status": "claimed", "claimed_by": self.direct_claim, "claimed_at": utcnow()}
-
-    def offer(self, rows: list[Claimed]) -> None:
-        """Mails written with `claimed_values` and committed: sent next, without claiming them."""
-        self._offered.extend(rows)
-        self._wake.set()
-
-    def _take_offered(self, size: int) -> list[Claimed]:
-        return [self._offered.popleft() for _ in range(min(size, len(self._offered)))]
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="mail-sender")
@@ -159,11 +122,6 @@ class Sender:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self.pool.close()
-        if self._offered:  # handed over but not sent: pending again, for the next start or another instance
-            left, self._offered = list(self._offered), deque()
-            with contextlib.suppress(Exception):  # the database may be away; then the claim times out
-                async with self.db.transaction() as s:
-                    await self._record(s, Outcome(unsent=left))
 
     async def _run(self) -> None:
         await self.mark_ambiguous()
@@ -204,15 +162,8 @@ class Sender:
         return size
 
     async def send_due(self) -> int:
-        """Claim due mails (or take the ones handed over) and send them over the pool's connections;
-        returns how many were taken. One round's mails share one claim, as the groups need."""
-        size, now = self.batch_size(), asyncio.get_running_loop().time()
-        rows: list = []
-        if self._offered and now < self._ledger_due:
-            rows = self._take_offered(size)
-        else:
-            self._ledger_due = now + LEDGER_EVERY_SECONDS
-            rows = await self.claim(size) or self._take_offered(size)
+        """Claim due mails and send them over the pool's connections; returns how many were claimed."""
+        rows = await self.claim(self.batch_size())
         if not rows:
             return 0
         queue = deque(rows)

@@ -17,7 +17,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from services.mailer import store
 from services.mailer.composer import TransactionalLetters
 from services.mailer.render import MailRenderer, Recipient, Rendered
-from services.mailer.sending import Claimed, Sender
 from shared import messages, topics
 from shared.db import Database, utcnow, wake_after_commit
 from shared.ids import new_id
@@ -27,8 +26,8 @@ log = logging.getLogger(__name__)
 a_ = store.audience
 m_ = store.outgoing_mail
 CONSUMER = "mailer.subscriber"
-# Not handed to SMTP yet: an unsubscribe or erasure cancels these. A claimed mail waiting in the sending
-# loop's memory is among them: its hand-over finds it no longer claimed and leaves it out.
+# Not handed to SMTP yet: an unsubscribe or erasure cancels these. A mail a sender has claimed but not yet
+# handed over is among them: the hand-over then finds it no longer claimed and leaves it out.
 UNSENT = ("pending", "retry", "claimed")
 
 
@@ -50,28 +49,18 @@ async def enqueue_mail(s: AsyncSession, mail: Rendered | Written, *, dedupe_key:
 
 
 def mail_row(mail: Rendered | Written, *, dedupe_key: str, kind: str, recipient: str, subscriber_id: str | None,
-             correlation_id: str | None, claimed: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The values of a mail's ledger row, `pending` and due now (or with `claimed`: `Sender.claimed_values`)."""
+             correlation_id: str | None) -> dict[str, Any]:
+    """The values of a mail's ledger row, `pending` and due now."""
     now = utcnow()
     source, message_id = (mail.message.as_string(), mail.message_id) if isinstance(mail, Rendered) else mail
-    row = dict(id=new_id(), dedupe_key=dedupe_key, subscriber_id=subscriber_id, kind=kind,
-               recipient=recipient, message=source, message_id=message_id, status="pending", attempts=0,
-               next_attempt_at=now, created_at=now, correlation_id=(correlation_id or "")[:64] or None,
-               claimed_by=None, claimed_at=None)
-    return row | claimed if claimed else row
-
-
-def claimed(row: dict[str, Any]) -> Claimed:
-    """A ledger row written as claimed, as the sending loop takes it."""
-    return Claimed(row["id"], row["claimed_by"], row["recipient"], row["message"], row["attempts"],
-                   row["subscriber_id"], row["kind"], row["message_id"], row["correlation_id"])
+    return dict(id=new_id(), dedupe_key=dedupe_key, subscriber_id=subscriber_id, kind=kind,
+                recipient=recipient, message=source, message_id=message_id, status="pending", attempts=0,
+                next_attempt_at=now, created_at=now, correlation_id=(correlation_id or "")[:64] or None)
 
 
 class TransactionalMail:
-    def __init__(self, db: Database, renderer: MailRenderer, sender: Sender | None = None) -> None:
-        """With a `sender`, the confirmation mails of a batch of sign-ups are written as claimed by it and
-        handed to it after the commit (`Sender.offer`); otherwise they wait in the ledger to be claimed."""
-        self.db, self.renderer, self.sender = db, renderer, sender
+    def __init__(self, db: Database, renderer: MailRenderer) -> None:
+        self.db, self.renderer = db, renderer
         self.letters = TransactionalLetters(renderer)
 
     def _labels(self, dimension: str, keys: list[str], lang: str) -> str:
@@ -106,7 +95,6 @@ class TransactionalMail:
         how many were handled before (left out). Consecutive sign-up requests (what load brings) are written
         together: a few statements for all of them instead of a few each."""
         mails = [self._mail(event) for event, _ in events]
-        offered: list[Claimed] = []
         async with self.db.transaction() as s:
             new = await first_handlings(s, store.infra, CONSUMER, [event.event_id for event, _ in events])
             fresh = []  # (event, mail, correlation id) of the events not handled before, in order
@@ -120,19 +108,15 @@ class TransactionalMail:
                     requests.append((event, mail, correlation_id))
                     continue
                 if requests:  # the requests before this event first
-                    offered += await self._requested_together(s, requests)
+                    await self._requested_together(s, requests)
                     requests = []
                 await self._apply(s, event, mail, correlation_id)
             if requests:
-                offered += await self._requested_together(s, requests)
-        if offered and self.sender is not None:
-            self.sender.offer(offered)
+                await self._requested_together(s, requests)
         return len(events) - len(fresh)
 
-    async def _requested_together(self, s: AsyncSession,
-                                  requests: list[tuple[Any, Written, str | None]]) -> list[Claimed]:
-        """`_requested` for several sign-up requests, in order, in five statements at most; the mails written
-        as claimed by the sender, to hand to it after the commit."""
+    async def _requested_together(self, s: AsyncSession, requests: list[tuple[Any, Written, str | None]]) -> None:
+        """`_requested` for several sign-up requests, in order, in five statements at most."""
         ids = list({event.subscriber_id for event, _, _ in requests})
         status = dict((await s.execute(select(a_.c.subscriber_id, a_.c.status)
                                        .where(a_.c.subscriber_id.in_(ids)))).all())
@@ -152,8 +136,7 @@ class TransactionalMail:
                 status[event.subscriber_id] = "pending"
             mails.append(mail_row(mail, dedupe_key=f"{event.event_id}:confirmation", kind="confirmation",
                                   recipient=event.email, subscriber_id=event.subscriber_id,
-                                  correlation_id=correlation_id,
-                                  claimed=self.sender.claimed_values() if self.sender else None))
+                                  correlation_id=correlation_id))
         # Inserts before updates: a subscriber new in this batch and changed later in it is inserted first.
         if new_rows:
             await s.execute(insert(a_), new_rows)
@@ -163,7 +146,6 @@ class TransactionalMail:
                             .values({column: bindparam(f"v_{column}") for column in columns}), changed_rows)
         wake_after_commit(s, "mail")
         await s.execute(insert(m_), mails)
-        return [claimed(row) for row in mails] if self.sender else []
 
     async def _apply(self, s: AsyncSession, event: Any, mail: Written | None, correlation_id: str | None) -> None:
         match event:
